@@ -1,0 +1,6 @@
+"""Built-in specs, by name. Values are import paths so nothing loads until asked for."""
+
+BUILTIN_SPECS: dict[str, str] = {
+    "seqsetvae": "headcache.backbones.seqsetvae:make_spec",
+    "demo": "headcache.backbones.demo:make_spec",
+}
