@@ -1,0 +1,151 @@
+"""Classification metrics via scikit-learn, with the edge cases handled here.
+
+Binary: AUROC and AUPRC on p[:, 1]. Multi-class: macro one-vs-rest AUROC and
+AUPRC. Both: accuracy, F1 (binary: the positive class; multi-class: macro)
+and balanced accuracy of the argmax. A split holding a single class has no
+AUROC or AUPRC: they are reported as None (null in JSON) with a warning, never
+as a made-up 0.5.
+
+The row-wise versions (`rows_auroc`, `rows_auprc`) score many heads, or many
+bootstrap resamples, at once; they equal scikit-learn's values exactly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
+                             roc_auc_score)
+from sklearn.preprocessing import label_binarize
+
+BOOTSTRAP_RESAMPLES = 1000
+CI_LEVEL = 0.95
+
+
+class SingleClassWarning(UserWarning):
+    """AUROC/AUPRC are undefined because the labels hold one class."""
+
+
+def _ranking_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    num_classes = probs.shape[1]
+    if num_classes == 2:
+        scores = probs[:, 1]
+        return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    onehot = label_binarize(labels, classes=np.arange(num_classes))
+    present = onehot.any(0) & ~onehot.all(0)
+    auroc = roc_auc_score(onehot[:, present], probs[:, present], average="macro")
+    auprc = average_precision_score(onehot[:, present], probs[:, present], average="macro")
+    return float(auroc), float(auprc)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, *, split: str = "") -> dict:
+    """Metrics of one split.
+
+    Parameters
+    ----------
+    probs : ndarray (N, C)
+        Predicted class probabilities.
+    labels : ndarray (N,)
+        True classes.
+    split : str
+        Named in the warning when the split holds one class.
+
+    Returns
+    -------
+    dict with auroc, auprc (None for a single class), accuracy, f1, balanced_accuracy, n.
+    """
+    labels = np.asarray(labels)
+    preds = probs.argmax(1)
+    binary = probs.shape[1] == 2
+    if len(np.unique(labels)) < 2:
+        warnings.warn(f"split {split or '?'} holds only class {labels[0] if len(labels) else '-'}: "
+                      "AUROC and AUPRC are undefined there and reported as null", SingleClassWarning,
+                      stacklevel=2)
+        auroc = auprc = None
+    else:
+        auroc, auprc = _ranking_metrics(probs, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on a class never predicted; the 0 is correct
+        result = {
+            "auroc": auroc,
+            "auprc": auprc,
+            "accuracy": float(accuracy_score(labels, preds)),
+            "f1": float(f1_score(labels, preds, average="binary" if binary else "macro", zero_division=0)),
+            "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        }
+    result["n"] = int(len(labels))
+    return result
+
+
+def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0) -> dict:
+    """95% bootstrap intervals of AUROC and AUPRC: stratified, seeded, reproducible.
+
+    Each resample draws, with replacement, as many items of each class as the
+    split holds, so every resample keeps the class balance and both metrics
+    stay defined. All resamples are scored at once (`rows_auroc`, `rows_auprc`).
+    Returns {"auroc_ci": [lo, hi], "auprc_ci": [lo, hi]}; None values for a
+    split with one class.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return {"auroc_ci": None, "auprc_ci": None}
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=(resamples, (labels == c).sum()))
+                          for c in classes], axis=1)
+    aurocs, auprcs = _macro_rows(probs[idx], labels[idx])
+    tail = (1.0 - CI_LEVEL) / 2 * 100
+    return {
+        "auroc_ci": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])],
+        "auprc_ci": [float(v) for v in np.percentile(auprcs, [tail, 100 - tail])],
+    }
+
+
+def fast_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC of K heads at once: probs (K, N, C), labels (N,) -> (K,); NaN for a single class."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return np.full(probs.shape[0], np.nan)
+    return _macro_rows(probs, np.broadcast_to(labels, probs.shape[:2]))[0]
+
+
+def _macro_rows(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise AUROC and AUPRC: probs (R, N, C), labels (R, N); binary on class 1, else macro OvR
+    over the classes present in every row."""
+    num_classes = probs.shape[2]
+    classes = [1] if num_classes == 2 else [
+        c for c in range(num_classes) if ((labels == c).any(1) & (labels != c).any(1)).all()]
+    aurocs = [rows_auroc(probs[:, :, c], labels == c) for c in classes]
+    auprcs = [rows_auprc(probs[:, :, c], labels == c) for c in classes]
+    return np.mean(aurocs, axis=0), np.mean(auprcs, axis=0)
+
+
+def rows_auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """AUROC of each row (R, N): the Mann-Whitney statistic, tied scores sharing their average
+    rank, which is exactly scikit-learn's roc_auc_score."""
+    n_pos = positive.sum(1)
+    n_neg = positive.shape[1] - n_pos
+    ranks = rankdata(scores, axis=1)
+    return ((ranks * positive).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def rows_auprc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """Average precision of each row (R, N), as scikit-learn's average_precision_score.
+
+    AP = sum over thresholds of (recall step) x precision. Tied scores form one
+    threshold, so each positive contributes the precision measured at the end
+    of its tie group, divided by the number of positives.
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, 1)
+    sorted_pos = np.take_along_axis(positive, order, 1)
+    n = scores.shape[1]
+    true_pos = np.cumsum(sorted_pos, axis=1)
+    is_end = np.ones_like(sorted_pos, dtype=bool)
+    is_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    position = np.arange(n)
+    group_end = np.minimum.accumulate(np.where(is_end, position, n)[:, ::-1], axis=1)[:, ::-1]
+    precision_at_end = np.take_along_axis(true_pos, group_end, 1) / (group_end + 1)
+    return (precision_at_end * sorted_pos).sum(1) / sorted_pos.sum(1)
