@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from headcache.backbones import BUILTIN_SPECS
-from headcache.errors import SpecError
+from headcache.checkpoint import LoadReport, load_checkpoint
+from headcache.errors import ConfigError, SpecError
 
 DEFAULT_SPLITS = ("train", "val", "test")
 REQUIRED_MEMBERS = ("dataset", "collate", "encode")
@@ -124,17 +125,6 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     return obj
 
 
-def pin_memory(obj: Any) -> Any:
-    """Page-lock every tensor inside ``obj`` so host-to-GPU copies can overlap compute."""
-    if isinstance(obj, Tensor):
-        return obj.pin_memory()
-    if isinstance(obj, dict):
-        return {k: pin_memory(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(pin_memory(v) for v in obj)
-    return obj
-
-
 def _import_factory(text: str):
     if text in BUILTIN_SPECS:
         text = BUILTIN_SPECS[text]
@@ -181,3 +171,33 @@ def _accepted_options(factory) -> str:
     params: Sequence[inspect.Parameter] = list(inspect.signature(factory).parameters.values())
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return f"({', '.join(names)})"
+
+
+def resolve_device(text: str = "auto") -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def load_backbone(spec: Any, checkpoint: str | Path, *, key_map: dict[str, str] | None = None,
+                  trust: bool = False) -> tuple[nn.Module, LoadReport]:
+    """The spec's backbone with verified weights, frozen and in eval mode.
+
+    Uses the spec's own ``load`` when it has one (weights that come another
+    way); otherwise builds ``spec.backbone()`` and loads the checkpoint through
+    `load_checkpoint`, so every spec gets the same checks and load report.
+    """
+    if callable(getattr(spec, "load", None)):
+        module, report = spec.load(checkpoint)
+    else:
+        module = spec.backbone()
+        report = load_checkpoint(module, checkpoint, key_map=key_map, trust=trust)
+    module.eval().requires_grad_(False)
+    return module, report

@@ -1,0 +1,595 @@
+"""Stage 2: ONE training loop, used by cached runs, end-to-end runs, sweeps and cv.
+
+`fit` trains a bank of K heads (K = 1 for `train`) that read the same kind of
+features with the same batch size. Each step is one forward and one backward
+for all K heads; every head keeps its own learning rate, weight decay, cosine
+schedule, gradient clipping, early stopping, sampler and random generators,
+so head k of a bank computes what a bank holding only head k computes. The
+features come from a source (features.py); the loop never knows which.
+
+Defaults are the seed's classifier-head fine-tuning (DESIGN.md, "Training
+defaults"): AdamW lr 5e-4, weight decay 1e-3; cosine per epoch with T_max =
+epochs and eta_min = lr * 1e-3; batch 16, shuffled, drop_last on train;
+gradient norm clipped at 0.05; monitor val AUROC with patience 8 and
+min_delta 5e-4; keep the best and the last weights.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from headcache.errors import ConfigError, OutputExistsError
+from headcache.features import CachedFeatures, TokenBatch
+from headcache.head import HEAD_NAMES, HeadBank
+from headcache.losses import LOSS_NAMES, LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
+from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
+from headcache.pooling import POOL_NAMES, LearnedQueryPool, is_learnable
+from headcache.spec import resolve_device
+
+VAL_SPLIT_NAMES = ("val", "valid", "validation")
+RUN_FILES = ("config.json", "metrics.json", "history.csv", "head_best.pt", "head_last.pt", "curves.png")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one head's training (never learned state)."""
+
+    pool: str = "meanq"
+    head: str = "mlp"
+    loss: str | None = None  # None: focal for two classes, else ce
+    lr: float = 5e-4
+    weight_decay: float = 1e-3
+    epochs: int = 50
+    batch_size: int = 16
+    patience: int = 8
+    min_delta: float = 5e-4
+    grad_clip: float = 0.05
+    dropout: float = 0.1
+    hidden: int | None = None  # mlp width; None: D // 2
+    focal_gamma: float = 3.0
+    seed: int = 0
+    device: str = "auto"
+    train_split: str = "train"
+    val_split: str | None = None  # None: the cache's val or valid
+    test_split: str | None = "test"
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Allowed values of each setting, declared once; every message comes from here.
+CONSTRAINTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "pool": (f"one of {', '.join(POOL_NAMES)}", lambda v: v in POOL_NAMES),
+    "head": (f"one of {', '.join(HEAD_NAMES)}", lambda v: v in HEAD_NAMES),
+    "loss": (f"one of {', '.join(LOSS_NAMES)} (or unset)", lambda v: v is None or v in LOSS_NAMES),
+    "lr": ("a number > 0", lambda v: _number(v) and v > 0),
+    "weight_decay": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "epochs": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "batch_size": ("an integer >= 2", lambda v: _integer(v) and v >= 2),
+    "patience": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "min_delta": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "grad_clip": ("a number > 0", lambda v: _number(v) and v > 0),
+    "dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "hidden": ("an integer >= 1 (or unset)", lambda v: v is None or (_integer(v) and v >= 1)),
+    "focal_gamma": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "seed": ("an integer >= 0", lambda v: _integer(v) and v >= 0),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a setting outside its allowed values, in scikit-learn's shape of message."""
+    for name, (allowed, ok) in CONSTRAINTS.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise ConfigError(f"The '{name}' parameter of TrainConfig must be {allowed}. Got {value!r} instead.")
+
+
+def config_from_options(options: dict[str, str], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from text values (``--grid lr=1e-3`` and friends), converted by field type."""
+    base = base or TrainConfig()
+    known = {f.name: f for f in fields(TrainConfig)}
+    changes = {}
+    for key, text in options.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown train option {key!r}; known: {', '.join(sorted(known))}")
+        changes[name] = _parse_value(name, text, getattr(base, name))
+    return replace(base, **changes)
+
+
+def _parse_value(name: str, text: str, current: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    if text.lower() in ("none", "null", ""):
+        return None
+    kind = {"epochs": int, "batch_size": int, "patience": int, "hidden": int, "seed": int,
+            "lr": float, "weight_decay": float, "min_delta": float, "grad_clip": float,
+            "dropout": float, "focal_gamma": float}.get(name, str)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"The '{name}' parameter must be {CONSTRAINTS[name][0]}. Got {text!r} instead.") from None
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (0-based): CosineAnnealingLR with T_max = epochs,
+    eta_min = base_lr * 1e-3, as a pure function (nanoGPT's get_lr)."""
+    eta_min = base_lr * 1e-3
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def derived_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for (initialisation, dropout, batch order) from one --seed."""
+    init, dropout, order = np.random.SeedSequence(seed).generate_state(3)
+    return int(init), int(dropout), int(order)
+
+
+class StackedAdamW:
+    """AdamW over stacked (K, ...) parameters with a learning rate and weight decay per head.
+
+    The update is torch.optim.AdamW's, term for term, with lr and weight decay
+    broadcast over the leading head axis.
+    """
+
+    def __init__(self, params: list[nn.Parameter], weight_decay: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = params
+        self.weight_decay = weight_decay
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.step_count = 0
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, lr: Tensor) -> None:
+        self.step_count += 1
+        bias1 = 1 - self.beta1 ** self.step_count
+        bias2_sqrt = math.sqrt(1 - self.beta2 ** self.step_count)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            p.mul_(1 - (lr * self.weight_decay).view(shape))
+            m.lerp_(p.grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1 - self.beta2)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+            p.addcdiv_(m * (lr / bias1).view(shape), denom, value=-1.0)
+
+
+def clip_per_head(params: list[nn.Parameter], max_norm: Tensor) -> Tensor:
+    """Scale each head's gradients so their joint norm is at most max_norm[k] (as clip_grad_norm_)."""
+    norms = torch.stack([p.grad.pow(2).flatten(1).sum(1) for p in params]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
+    return norms
+
+
+class HeadModel(nn.Module):
+    """A learnable pool (if any) followed by a bank of heads."""
+
+    def __init__(self, bank: HeadBank, pool: LearnedQueryPool | None):
+        super().__init__()
+        self.bank, self.pool = bank, pool
+
+    def forward(self, features: Tensor | TokenBatch, generators: list[torch.Generator] | None = None) -> Tensor:
+        if isinstance(features, TokenBatch):
+            features = self.pool(features.hidden, features.mask)
+        return self.bank(features, generators)
+
+
+@dataclass
+class HeadTask:
+    """What one head trains on: its config and, per role, (split, rows of that split)."""
+
+    config: TrainConfig
+    train: tuple[str, Tensor]
+    val: tuple[str, Tensor]
+    test: tuple[str, Tensor] | None = None
+
+
+@dataclass
+class FitResult:
+    """Learned state and record of one head."""
+
+    config: TrainConfig
+    loss: LossConstants
+    monitor: str
+    best_epoch: int
+    best_value: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    last_state: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def bank_key(config: TrainConfig) -> tuple:
+    """Heads with equal keys can share one bank (one batched computation)."""
+    return (config.pool, config.head, config.hidden, config.batch_size, config.device)
+
+
+def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim: int,
+        on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
+    """Train K heads as one batched computation; return each head's result.
+
+    Parameters
+    ----------
+    source : CachedFeatures or LiveFeatures
+        Answers ``batch(split, rows)`` and ``labels(split)``.
+    tasks : sequence of HeadTask
+        All with the same `bank_key`.
+    num_classes, hidden_dim : int
+        C and D.
+    on_epoch : callable, optional
+        Called after each epoch with (epoch, the K history rows).
+    """
+    configs = [t.config for t in tasks]
+    if len({bank_key(c) for c in configs}) != 1:
+        raise ConfigError("heads of one bank must share pool, head, hidden, batch_size and device")
+    first = configs[0]
+    device = resolve_device(first.device)
+    k_heads = len(tasks)
+    seeds = [derived_seeds(c.seed) for c in configs]
+
+    # -- model: stacked heads (and learned pools), each initialised from its own generator
+    init_generators = [torch.Generator().manual_seed(s[0]) for s in seeds]
+    pool = LearnedQueryPool(k_heads, hidden_dim) if is_learnable(first.pool) else None
+    bank = HeadBank(first.head, k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
+    if pool is not None:
+        pool.reset_parameters(init_generators)
+    bank.reset_parameters(init_generators)
+    model = HeadModel(bank, pool).to(device)
+    params = [p for p in model.parameters()]
+    dropout_generators = [torch.Generator(device).manual_seed(s[1]) for s in seeds]
+    order_generators = [torch.Generator().manual_seed(s[2]) for s in seeds]
+
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    optimizer = StackedAdamW(params, as_tensor([c.weight_decay for c in configs]))
+    max_norm = as_tensor([c.grad_clip for c in configs])
+
+    # -- data: per-head train rows and labels; loss constants come from the train labels
+    train_split = tasks[0].train[0]
+    if any(t.train[0] != train_split for t in tasks):
+        raise ConfigError("heads of one bank must train on the same split")
+    labels = {role: [source.labels(getattr(t, role)[0]) for t in tasks] for role in ("train", "val")}
+    train_labels = [labels["train"][k][t.train[1].to(device)] for k, t in enumerate(tasks)]
+    constants = [loss_constants(c.loss or default_loss(num_classes), y, num_classes, c.focal_gamma)
+                 for c, y in zip(configs, train_labels)]
+    loss_args = stack_constants(constants, device)
+    steps = min(len(t.train[1]) for t in tasks) // first.batch_size
+    if steps == 0:
+        raise ConfigError(f"split {train_split!r} has {min(len(t.train[1]) for t in tasks)} items, fewer than "
+                          f"batch_size {first.batch_size}; lower --batch-size")
+    shared_order = len({(s[2], tuple(t.train[1].tolist())) for s, t in zip(seeds, tasks)}) == 1
+
+    # -- early stopping state, per head
+    val_labels = [labels["val"][k][t.val[1].to(device)].cpu().numpy() for k, t in enumerate(tasks)]
+    monitors = [_choose_monitor(y, t.val[0]) for y, t in zip(val_labels, tasks)]
+    best = [-math.inf] * k_heads
+    results = [FitResult(c, constants[k], monitors[k], best_epoch=-1, best_value=math.nan, epochs_run=0)
+               for k, c in enumerate(configs)]
+    active = [True] * k_heads
+    waited = [0] * k_heads
+
+    for epoch in range(max(c.epochs for c in configs)):
+        started = time.perf_counter()
+        lr = as_tensor([cosine_lr(c.lr, epoch, c.epochs) if active[k] else 0.0 for k, c in enumerate(configs)])
+        model.train()
+        permutations = [t.train[1][torch.randperm(len(t.train[1]), generator=g)]
+                        for t, g in zip(tasks, order_generators)]
+        total = torch.zeros(k_heads, device=device)
+        for step in range(steps):
+            window = slice(step * first.batch_size, (step + 1) * first.batch_size)
+            rows = permutations[0][window] if shared_order else torch.stack([p[window] for p in permutations])
+            batch_labels = labels["train"][0][rows.to(device)]
+            logits = model(source.batch(train_split, rows), dropout_generators)
+            losses = stacked_loss(logits, batch_labels, *loss_args)
+            for p in params:
+                p.grad = None
+            losses.sum().backward()
+            clip_per_head(params, max_norm)
+            optimizer.step(lr)
+            total += losses.detach()
+        train_loss = (total / steps).tolist()
+
+        val_probs, val_loss = _evaluate_tasks(model, source, tasks, "val", labels["val"], loss_args)
+        seconds = time.perf_counter() - started
+        rows_out = []
+        for k in range(k_heads):
+            if not active[k]:
+                rows_out.append({})
+                continue
+            record = _epoch_record(epoch, train_loss[k], val_loss[k], val_probs[k], val_labels[k],
+                                   float(lr[k]), seconds)
+            results[k].history.append(record)
+            results[k].epochs_run = epoch + 1
+            value = -record["val_loss"] if monitors[k] == "loss" else record["val_auroc"]
+            if value > best[k] + configs[k].min_delta:
+                best[k], waited[k] = value, 0
+                results[k].best_epoch, results[k].best_value = epoch, record[f"val_{monitors[k]}"]
+                results[k].best_state = _head_state(model, k)
+            else:
+                waited[k] += 1
+            if waited[k] >= configs[k].patience or epoch + 1 >= configs[k].epochs:
+                active[k] = False
+                results[k].last_state = _head_state(model, k)
+            rows_out.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, rows_out)
+        if not any(active):
+            break
+
+    _final_evaluation(model, source, tasks, results, labels, loss_args)
+    return results
+
+
+def _choose_monitor(val_labels: np.ndarray, split: str) -> str:
+    if len(np.unique(val_labels)) < 2:
+        warnings.warn(f"split {split} holds one class, so val AUROC is undefined: early stopping "
+                      "monitors the val loss instead", UserWarning, stacklevel=3)
+        return "loss"
+    return "auroc"
+
+
+def _epoch_record(epoch: int, train_loss: float, val_loss: float, probs: np.ndarray, labels: np.ndarray,
+                  lr: float, seconds: float) -> dict:
+    binary = probs.shape[1] == 2
+    two_classes = len(np.unique(labels)) > 1
+    auroc = float(fast_auroc(probs[None], labels)[0]) if two_classes else math.nan
+    auprc = float(rows_auprc(probs[None, :, 1], labels[None] == 1)[0]) if binary and two_classes else math.nan
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auroc": auroc,
+            "val_auprc": auprc, "val_accuracy": float((probs.argmax(1) == labels).mean()), "lr": lr,
+            "seconds": seconds}
+
+
+def _head_state(model: HeadModel, k: int) -> dict[str, Tensor]:
+    state = {f"bank.{n}": t for n, t in model.bank.head_state(k).items()}
+    if model.pool is not None:
+        state["pool.query"] = model.pool.query[k].detach().clone()
+    return {n: t.cpu() for n, t in state.items()}
+
+
+def _load_head_state(model: HeadModel, k: int, state: dict[str, Tensor]) -> None:
+    model.bank.load_head_state(k, {n[len("bank."):]: t for n, t in state.items() if n.startswith("bank.")})
+    if model.pool is not None:
+        with torch.no_grad():
+            model.pool.query[k].copy_(state["pool.query"])
+
+
+@torch.no_grad()
+def predict_split(model: HeadModel, source: Any, split: str, rows: Tensor) -> Tensor:
+    """Class probabilities (K, N, C) of every head for ``rows`` of ``split``, in eval mode."""
+    model.eval()
+    chunks = [torch.softmax(model(source.batch(split, rows[i:i + source.eval_rows])), -1)
+              for i in range(0, len(rows), source.eval_rows)]
+    return torch.cat(chunks, dim=1)
+
+
+def _evaluate_tasks(model: HeadModel, source: Any, tasks: Sequence[HeadTask], role: str,
+                    labels: list[Tensor], loss_args) -> tuple[list[np.ndarray], list[float]]:
+    """Probabilities and loss of each head on its own rows of ``role``; heads sharing a split and
+    rows are evaluated in one pass."""
+    probs_out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
+    loss_out: list[float] = [math.nan] * len(tasks)
+    split, _ = getattr(tasks[0], role)
+    all_rows = torch.arange(len(labels[0]))
+    probs = predict_split(model, source, split, all_rows)  # every head on the whole split, once
+    weights, gamma, weighted = loss_args
+    for k, task in enumerate(tasks):
+        rows = getattr(task, role)[1]
+        p = probs[k, rows.to(probs.device)]
+        y = labels[k][rows.to(labels[k].device)]
+        loss = stacked_loss(torch.log(p.clamp(min=1e-12))[None], y, weights[k:k + 1], gamma[k:k + 1],
+                            weighted[k:k + 1])
+        probs_out[k], loss_out[k] = p.cpu().numpy(), float(loss)
+    return probs_out, loss_out
+
+
+def _final_evaluation(model, source, tasks, results, labels, loss_args) -> None:
+    """Put every head at its best weights and score val (and test) with full metrics and CIs."""
+    for k, result in enumerate(results):
+        if result.best_state:
+            _load_head_state(model, k, result.best_state)
+        else:  # the monitor never improved (e.g. NaN): keep the last weights
+            result.best_state = result.last_state
+    roles = ["val"] + (["test"] if all(t.test is not None for t in tasks) else [])
+    for role in roles:
+        if role == "test":
+            labels["test"] = [source.labels(t.test[0]) for t in tasks]
+        probs, _ = _evaluate_tasks(model, source, tasks, role, labels[role], loss_args)
+        for k, (task, result) in enumerate(zip(tasks, results)):
+            y = labels[role][k][getattr(task, role)[1].to(labels[role][k].device)].cpu().numpy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # already warned when the monitor was chosen
+                metrics = classification_metrics(probs[k], y, split=getattr(task, role)[0])
+            metrics.update(bootstrap_intervals(probs[k], y, seed=task.config.seed))
+            result.metrics[role] = metrics
+            result.predictions[role] = probs[k]
+
+
+# ---------------------------------------------------------------------------- train from a cache
+
+
+def resolve_splits(config: TrainConfig, available: Sequence[str]) -> tuple[str, str, str | None]:
+    """(train, val, test) split names: val defaults to the cache's val or valid; test is used when present."""
+    missing = [s for s in [config.train_split] if s not in available]
+    val = config.val_split or next((s for s in VAL_SPLIT_NAMES if s in available), None)
+    if val is None:
+        raise ConfigError(f"the cache has no validation split (looked for {', '.join(VAL_SPLIT_NAMES)}; "
+                          f"it has {', '.join(available)}); name one with --val-split")
+    missing += [s for s in [val] if s not in available]
+    if missing:
+        raise ConfigError(f"the cache has no split {missing[0]!r} (it has {', '.join(available)})")
+    test = config.test_split if config.test_split in available else None
+    return config.train_split, val, test
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Create ``out``; refuse one that holds files unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"--out {out} already exists and is not empty; pass --overwrite to replace "
+                                "its files, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def tasks_for_splits(configs: Sequence[TrainConfig], source: Any, splits: tuple[str, str, str | None]) -> list[HeadTask]:
+    train, val, test = splits
+    every = lambda split: torch.arange(len(source.labels(split)))  # noqa: E731
+    return [HeadTask(c, (train, every(train)), (val, every(val)), (test, every(test)) if test else None)
+            for c in configs]
+
+
+def num_classes_of(source: Any, splits: Sequence[str | None]) -> int:
+    top = max(int(source.labels(s).max()) for s in splits if s)
+    return max(2, top + 1)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the run directory and the head's result."""
+
+    run_dir: Path
+    result: FitResult
+    seconds: float
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        return self.result.metrics
+
+
+def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
+          overwrite: bool = False, on_epoch: Callable[[int, list[dict]], None] | None = None) -> TrainResult:
+    """Train one head from a cache and write its run directory.
+
+    Example
+    -------
+    >>> result = train("cache/demo/cache.h5", "runs/meanq", TrainConfig(epochs=20))  # doctest: +SKIP
+    >>> result.metrics["test"]["auroc"]  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device))
+    splits = resolve_splits(config, source.splits)
+    out = prepare_out_dir(out, overwrite)
+    write_config(out, config, cache=str(cache), splits=splits, fingerprint=source.backbone_fingerprint)
+    num_classes = num_classes_of(source, splits)
+    [result] = fit(source, tasks_for_splits([config], source, splits), num_classes=num_classes,
+                   hidden_dim=source.hidden_dim, on_epoch=on_epoch)
+    save_run(out, result, hidden_dim=source.hidden_dim, num_classes=num_classes,
+             fingerprint=source.backbone_fingerprint,
+             ids={role: source.ids(split) for role, split in zip(("val", "test"), splits[1:]) if split})
+    return TrainResult(out, result, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- the run directory
+
+
+def write_config(out: Path, config: TrainConfig, **context: Any) -> None:
+    """config.json, written before the first epoch."""
+    (out / "config.json").write_text(json.dumps({"train": config.to_dict(), **context}, indent=2, default=str))
+
+
+def save_run(out: Path, result: FitResult, *, hidden_dim: int, num_classes: int, fingerprint: str,
+             ids: dict[str, list[str]] | None = None) -> None:
+    """metrics.json, history.csv, head_best.pt, head_last.pt and curves.png of one head, and
+    predictions_<role>.csv for each evaluated role whose item ids are given."""
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    config.update({"loss_constants": result.loss.to_dict(), "monitor": result.monitor})
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    metrics = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
+               **result.metrics}
+    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+    with open(out / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
+        writer.writeheader()
+        writer.writerows(result.history)
+    for name, state, epoch in (("head_best.pt", result.best_state, result.best_epoch),
+                               ("head_last.pt", result.last_state, result.epochs_run - 1)):
+        torch.save(head_checkpoint(result, state, epoch, hidden_dim, num_classes, fingerprint), out / name)
+    plot_curves(result.history, out / "curves.png", best_epoch=result.best_epoch)
+    for role, probs in result.predictions.items():
+        if ids and role in ids:
+            write_predictions(out / f"predictions_{role}.csv", ids[role], probs)
+
+
+def write_predictions(path: Path, ids: Sequence[str], probs: np.ndarray) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id"] + [f"p{c}" for c in range(probs.shape[1])])
+        for item_id, row in zip(ids, probs):
+            writer.writerow([item_id] + [f"{v:.6g}" for v in row])
+
+
+def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, hidden_dim: int,
+                    num_classes: int, fingerprint: str) -> dict:
+    """A head file: everything export and predict need, loadable with weights_only=True."""
+    return {"format": "headcache-head", "version": 1, "config": result.config.to_dict(), "epoch": epoch,
+            "monitor": result.monitor, "best_value": result.best_value, "hidden_dim": hidden_dim,
+            "num_classes": num_classes, "backbone_fingerprint": fingerprint, "state": state}
+
+
+def head_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """Rebuild a trained pool + head (eval mode) from a head file's contents."""
+    config = TrainConfig(**checkpoint["config"])
+    bank = HeadBank(config.head, 1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
+                    [config.dropout])
+    pool = LearnedQueryPool(1, checkpoint["hidden_dim"]) if is_learnable(config.pool) else None
+    model = HeadModel(bank, pool)
+    _load_head_state(model, 0, checkpoint["state"])
+    return model.eval()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val loss")
+    ax_metric.plot(epochs, [r["val_auroc"] for r in history], label="val AUROC")
+    ax_metric.plot(epochs, [r["val_auprc"] for r in history], label="val AUPRC")
+    for ax in (ax_loss, ax_metric):
+        if best_epoch >= 0:
+            ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
