@@ -1,0 +1,254 @@
+"""The command line: parse flags, build a config, call one library function, print.
+
+A `HeadcacheError` is caught once (in `_user_errors`): its message is printed
+and the command exits with status 1; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from headcache.errors import ConfigError, HeadcacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run a frozen backbone once, cache its hidden states, train heads from the cache.")
+console = Console()
+errors = Console(stderr=True)
+
+
+@app.callback()
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks of user errors.")) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@contextlib.contextmanager
+def _user_errors(ctx: typer.Context) -> Iterator[None]:
+    """Print a HeadcacheError's message and exit 1; print warnings as one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except HeadcacheError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        finally:
+            for warning in caught:
+                errors.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
+        pairs[key] = value
+    return pairs
+
+
+class _Rate(ProgressColumn):
+    """Sequences per second, from rich's own moving estimate."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} seq/s" if task.speed else "")
+
+
+@contextlib.contextmanager
+def _extract_hooks() -> Iterator[dict]:
+    """The on_load / on_progress callbacks of `extract`: print the load report, show a bar per split."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, auto_refresh=False) as progress:
+        bars: dict[str, int] = {}
+
+        def on_progress(split: str, done: int, total: int) -> None:
+            if split not in bars:
+                bars[split] = progress.add_task(f"extract {split}", total=total)
+            progress.update(bars[split], completed=done, refresh=True)
+
+        def on_load(report) -> None:
+            console.print(report.summary(), highlight=False)
+
+        yield {"on_progress": on_progress, "on_load": on_load}
+
+
+@app.command("extract")
+def extract_command(
+    ctx: typer.Context,
+    spec: str = typer.Option(..., help="Built-in spec name, package.module:function or file.py:function."),
+    checkpoint: Path = typer.Option(..., help="The backbone's weights (.ckpt, .pt, .safetensors)."),
+    out: Path = typer.Option(..., help="The cache file to write (.h5)."),
+    spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits (default: all of the spec's)."),
+    batch_size: int = typer.Option(64, help="Sequences per forward pass."),
+    dtype: str = typer.Option("float16", help="Storage dtype of the tokens: float16 or float32."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
+    amp: Optional[str] = typer.Option(None, help="Mixed precision on CUDA: bf16 or fp16."),
+    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing cache file."),
+) -> None:
+    """Run the backbone once over the spec's splits and write the HDF5 cache."""
+    from headcache.checkpoint import parse_key_map
+    from headcache.extract import ExtractConfig, extract
+
+    with _user_errors(ctx):
+        config = ExtractConfig(splits=tuple(splits.split(",")) if splits else None, batch_size=batch_size,
+                               dtype=dtype, device=device, num_workers=num_workers, amp=amp,
+                               key_map=parse_key_map(key_map), trust_checkpoint=trust_checkpoint,
+                               overwrite=overwrite)
+        with _extract_hooks() as hooks:
+            result = extract(spec, checkpoint, out, config, spec_options=_pairs(spec_opt, "--spec-opt"), **hooks)
+        sizes = ", ".join(f"{s} {n}" for s, n in result.split_sizes.items())
+        verb = "resumed and finished" if result.resumed else "wrote"
+        console.print(f"{verb} {result.path} ({sizes}) in {result.seconds:.1f}s, "
+                      f"{result.sequences_per_second:.1f} sequences/s", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+@app.command("inspect")
+def inspect_command(
+    ctx: typer.Context,
+    cache: Path = typer.Argument(..., help="A cache file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show a cache's splits, sizes, dims, fingerprints and load report."""
+    from headcache.store import CacheReader
+
+    with _user_errors(ctx):
+        with CacheReader(cache) as reader:
+            summary = reader.summary()
+        if as_json:
+            console.print_json(json.dumps(summary, default=str))
+            return
+        for key in ("spec", "hidden_dim", "dtype", "backbone_fingerprint", "checkpoint_sha256", "created_by"):
+            console.print(f"[bold]{key}[/bold]: {summary.get(key)}", highlight=False)
+        table = Table("split", "sequences", "tokens", "complete", "classes", "length min/mean/max")
+        for name, split in summary["splits"].items():
+            lengths = split.get("lengths", {})
+            table.add_row(name, str(split["n"]), str(split.get("tokens")), str(split["complete"]),
+                          str(split.get("class_counts")),
+                          f"{lengths.get('min')}/{lengths.get('mean', 0):.1f}/{lengths.get('max')}" if lengths else "-")
+        console.print(table)
+        report = summary.get("load_report") or {}
+        console.print(f"load report: {report.get('loaded')} tensors loaded, {len(report.get('unexpected', []))} "
+                      f"unexpected keys ignored, key map {report.get('key_map') or 'none'}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _train_options(pool: str, head: str, loss: Optional[str], lr: float, weight_decay: float, epochs: int,
+                   batch_size: int, patience: int, seed: int, device: str, dropout: float,
+                   hidden: Optional[int], val_split: Optional[str], test_split: str):
+    from headcache.train import TrainConfig
+
+    return TrainConfig(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                       batch_size=batch_size, patience=patience, seed=seed, device=device, dropout=dropout,
+                       hidden=hidden, val_split=val_split, test_split=test_split)
+
+
+def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
+    table = Table("split", "AUROC (95% CI)", "AUPRC (95% CI)", "accuracy", "F1", "balanced acc.", title=title)
+    for split, m in metrics.items():
+        table.add_row(split, _with_ci(m.get("auroc"), m.get("auroc_ci")), _with_ci(m.get("auprc"), m.get("auprc_ci")),
+                      f"{m['accuracy']:.3f}", f"{m['f1']:.3f}", f"{m['balanced_accuracy']:.3f}")
+    return table
+
+
+def _with_ci(value, interval) -> str:
+    if value is None:
+        return "undefined (one class)"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+
+def _epoch_printer(prefix: str = ""):
+    def on_epoch(epoch: int, rows: list[dict]) -> None:
+        row = rows[0]
+        if row:
+            console.print(f"{prefix}epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss "
+                          f"{row['val_loss']:.4f}  val AUROC {row['val_auroc']:.4f}  lr {row['lr']:.2e}  "
+                          f"{row['seconds']:.2f}s", highlight=False)
+    return on_epoch
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    cache: Path = typer.Option(..., help="The cache file written by extract."),
+    out: Path = typer.Option(..., help="The run directory to write."),
+    pool: str = typer.Option("meanq", help="meanq, meanq_scaled, learned, mean, max or last."),
+    head: str = typer.Option("mlp", help="mlp or linear."),
+    loss: Optional[str] = typer.Option(None, help="focal, ce or weighted-ce (default: focal for 2 classes)."),
+    lr: float = typer.Option(5e-4),
+    weight_decay: float = typer.Option(1e-3),
+    epochs: int = typer.Option(50),
+    batch_size: int = typer.Option(16),
+    patience: int = typer.Option(8),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    dropout: float = typer.Option(0.1),
+    hidden: Optional[int] = typer.Option(None, help="mlp width (default: hidden_dim // 2)."),
+    val_split: Optional[str] = typer.Option(None, help="Default: the cache's val or valid split."),
+    test_split: str = typer.Option("test"),
+    overwrite: bool = typer.Option(False, help="Replace the files of an existing run directory."),
+    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+) -> None:
+    """Train one pooling + head from the cache and write its run directory."""
+    from headcache.train import train
+
+    with _user_errors(ctx):
+        config = _train_options(pool, head, loss, lr, weight_decay, epochs, batch_size, patience, seed, device,
+                                dropout, hidden, val_split, test_split)
+        result = train(cache, out, config, overwrite=overwrite, on_epoch=None if quiet else _epoch_printer())
+        console.print(_metrics_table(f"best epoch {result.result.best_epoch} (of {result.result.epochs_run})",
+                                     result.metrics))
+        console.print(f"run written to {result.run_dir} in {result.seconds:.1f}s", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+@app.command("demo")
+def demo_command(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("cache/demo"), help="Folder for the demo's data, checkpoint, cache and run."),
+    patients: int = typer.Option(1000, help="Synthetic patients to generate."),
+    device: str = typer.Option("auto"),
+    epochs: int = typer.Option(50),
+    seed: int = typer.Option(0),
+) -> None:
+    """Make demo data and a checkpoint in the seed's layout, extract, train; print a summary."""
+    from headcache.demo import run_demo
+
+    with _user_errors(ctx), _extract_hooks() as hooks:
+        summary = run_demo(out, patients=patients, device=device, epochs=epochs, seed=seed,
+                           on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]", highlight=False),
+                           on_epoch=_epoch_printer("  "), **hooks)
+        console.print(_metrics_table("demo: seqsetvae backbone, meanq pool, mlp head", summary.metrics))
+        table = Table("stage", "seconds")
+        for stage, seconds in summary.seconds.items():
+            table.add_row(stage, f"{seconds:.1f}")
+        console.print(table)
+        console.print(f"data {summary.data_dir}, checkpoint {summary.checkpoint}, cache {summary.cache}, "
+                      f"run {summary.run_dir}", highlight=False)
+
+
+def main() -> None:
+    app()

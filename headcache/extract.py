@@ -1,0 +1,334 @@
+"""Stage 1: run the frozen backbone once and write every sequence's hidden states to HDF5.
+
+The backbone runs in eval mode under `torch.inference_mode()`, on the GPU when
+there is one. Time goes to the backbone alone:
+- items are taken in length buckets (sorted within windows), so batches carry
+  little padding; rows still reach the file in the dataset's order;
+- a DataLoader (optionally with workers) prepares batches, pinned in memory on
+  CUDA so host-to-device copies overlap compute;
+- a writer thread does the HDF5 writes in large row blocks while the next
+  batch runs through the backbone (h5py serialises HDF5 calls under one lock,
+  so only that thread touches the file during the loop).
+
+An interrupted extraction resumes from the split's `rows_written` when the
+same command runs again: every block is flushed before `rows_written` moves.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from headcache import __version__
+from headcache.checkpoint import LoadReport, file_sha256
+from headcache.errors import ConfigError, DataError, NonFiniteError
+from headcache.features import round_through
+from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
+from headcache.spec import load_backbone, resolve_device, resolve_spec, spec_splits, to_device
+from headcache.store import CacheWriter, SplitWriter
+
+DTYPES = ("float16", "float32")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
+PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
+PADDING_TOLERANCE = 1e-4
+
+
+class PaddingInvarianceWarning(UserWarning):
+    """spec.encode gave a sequence different states alone and in a batch (NOTE [ Padding invariance ])."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction."""
+
+    splits: tuple[str, ...] | None = None  # None: all of the spec's splits
+    batch_size: int = 64
+    dtype: str = "float16"
+    device: str = "auto"
+    num_workers: int = 0
+    amp: str | None = None
+    key_map: dict[str, str] = field(default_factory=dict)
+    trust_checkpoint: bool = False
+    overwrite: bool = False
+    write_block: int = 256  # sequences per HDF5 write
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": ("an integer >= 1", isinstance(self.batch_size, int) and self.batch_size >= 1),
+            "dtype": (f"one of {', '.join(DTYPES)}", self.dtype in DTYPES),
+            "num_workers": ("an integer >= 0", isinstance(self.num_workers, int) and self.num_workers >= 0),
+            "amp": (f"one of {', '.join(AMP_DTYPES)} (or unset)", self.amp is None or self.amp in AMP_DTYPES),
+            "write_block": ("an integer >= 1", isinstance(self.write_block, int) and self.write_block >= 1),
+        }
+        for name, (allowed, ok) in checks.items():
+            if not ok:
+                raise ConfigError(f"The '{name}' parameter of ExtractConfig must be {allowed}. "
+                                  f"Got {getattr(self, name)!r} instead.")
+
+
+@dataclass
+class ExtractResult:
+    """What `extract` returns."""
+
+    path: Path
+    split_sizes: dict[str, int]
+    written: int  # sequences written by this call (less than the total when resuming)
+    resumed: bool
+    load_report: LoadReport
+    seconds: float
+
+    @property
+    def sequences_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def bucketed_batches(indices: Sequence[int], lengths: Sequence[int] | None, batch_size: int) -> list[list[int]]:
+    """Batches of similar-length items: windows of BUCKET_WINDOW batches, each sorted by length.
+
+    Without lengths, batches follow the dataset's order.
+    """
+    indices = list(indices)
+    if lengths is None:
+        return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    window = batch_size * BUCKET_WINDOW
+    batches = []
+    for start in range(0, len(indices), window):
+        chunk = sorted(indices[start:start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return batches
+
+
+class _Indexed(Dataset):
+    """Items as (index, item), so batches remember where they go."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset[i]
+
+
+class _Collate:
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    def __call__(self, items):
+        indices = [i for i, _ in items]
+        inputs = [item[0] for _, item in items]
+        return indices, self.spec.collate(inputs), [item[1] for _, item in items], [str(item[2]) for _, item in items]
+
+
+class _WriterThread:
+    """Runs SplitWriter.write in a background thread, so writing overlaps the next forward pass."""
+
+    def __init__(self, split_writer: SplitWriter):
+        self.split_writer = split_writer
+        self.blocks: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (block := self.blocks.get()) is not None:
+            if self.error is None:
+                try:
+                    self.split_writer.write(*block)
+                except BaseException as exc:  # handed to the main thread in put/close
+                    self.error = exc
+
+    def put(self, block: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.blocks.put(block)
+
+    def close(self) -> None:
+        self.blocks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: ExtractConfig = ExtractConfig(), *,
+            spec_options: dict[str, str] | None = None,
+            on_progress: Callable[[str, int, int], None] | None = None,
+            on_load: Callable[[LoadReport], None] | None = None) -> ExtractResult:
+    """Run the backbone over the spec's splits once and write the cache.
+
+    Parameters
+    ----------
+    spec : str or spec object
+        ``--spec`` text (resolved with ``spec_options``) or a spec object.
+    checkpoint : path
+        The backbone's weights (verified; see checkpoint.py).
+    out : path
+        The cache file. An unfinished one written by the same backbone and
+        spec resumes; a finished one is refused unless ``config.overwrite``.
+    on_progress : callable, optional
+        Called as (split, rows done, rows in split) after every block.
+    on_load : callable, optional
+        Called with the load report once the checkpoint is loaded.
+
+    Example
+    -------
+    >>> extract("demo", "demo_out/backbone.ckpt", "cache/demo.h5")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    spec_text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
+    if isinstance(spec, str):
+        spec = resolve_spec(spec, spec_options)
+    device = resolve_device(config.device)
+    if config.amp and device.type != "cuda":
+        raise ConfigError(f"--amp {config.amp} needs a CUDA device; this run is on {device}")
+    splits = _splits_to_extract(spec, config.splits)
+    backbone, report = load_backbone(spec, checkpoint, key_map=config.key_map, trust=config.trust_checkpoint)
+    backbone.to(device)
+    if on_load is not None:
+        on_load(report)
+    runner = _Runner(spec, backbone, device, config)
+    hidden_dim = runner.probe(spec.dataset(splits[0]), splits[0])
+    attrs = {
+        "backbone_fingerprint": report.fingerprint,
+        "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),
+        "checkpoint_sha256": report.checkpoint_sha256 or file_sha256(checkpoint),
+        "hidden_dim": hidden_dim,
+        "dtype": config.dtype,
+        "created_by": f"headcache {__version__}",
+        "load_report": report.to_dict(),
+    }
+    sizes, written = {}, 0
+    with CacheWriter(out, attrs, overwrite=config.overwrite) as writer:
+        resumed = writer.resuming
+        for split in splits:
+            dataset = spec.dataset(split)
+            split_writer = writer.split(split, len(dataset), list(PARAMETER_FREE_POOLS))
+            sizes[split] = len(dataset)
+            if not split_writer.complete:
+                written += runner.run_split(dataset, split, split_writer, on_progress)
+                split_writer.finish()
+    return ExtractResult(Path(out), sizes, written, resumed, report, time.perf_counter() - started)
+
+
+def _splits_to_extract(spec: Any, wanted: Sequence[str] | None) -> list[str]:
+    available = spec_splits(spec)
+    wanted = list(wanted or available)
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise ConfigError(f"--splits: the spec has no split {unknown[0]!r}; it has {', '.join(available)}")
+    return wanted
+
+
+class _Runner:
+    """Encodes batches and turns them into rows for the cache."""
+
+    def __init__(self, spec: Any, backbone: torch.nn.Module, device: torch.device, config: ExtractConfig):
+        self.spec, self.backbone, self.device, self.config = spec, backbone, device, config
+        self.num_classes = getattr(spec, "num_classes", None)
+
+    def encode(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = to_device(batch, self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
+                                                    enabled=self.config.amp is not None):
+            hidden, mask = self.spec.encode(self.backbone, batch)
+        return hidden.float(), mask.bool()
+
+    def probe(self, dataset: Any, split: str) -> int:
+        """Encode the first few items alone and together: the hidden size, and a padding check."""
+        n = min(PADDING_PROBE, len(dataset))
+        if n == 0:
+            raise DataError(f"split {split!r} of the spec is empty; nothing to extract")
+        items = [dataset[i] for i in range(n)]
+        together, mask = self.encode(self.spec.collate([item[0] for item in items]))
+        worst = 0.0
+        for b, item in enumerate(items[1:], start=1):  # item 0 alone is the same batch shape question
+            alone, alone_mask = self.encode(self.spec.collate([item[0]]))
+            real = alone[0][alone_mask[0]]
+            if real.shape == together[b][mask[b]].shape:
+                worst = max(worst, float((real - together[b][mask[b]]).abs().max()) if real.numel() else 0.0)
+            else:
+                worst = float("inf")
+        if worst > PADDING_TOLERANCE:
+            warnings.warn(f"spec.encode is not padding-invariant: an item's hidden states change by {worst:.3g} "
+                          "when other items share its batch; cached and live features will differ "
+                          "(see NOTE [ Padding invariance ] in headcache/spec.py)", PaddingInvarianceWarning,
+                          stacklevel=3)
+        return int(together.shape[-1])
+
+    def run_split(self, dataset: Any, split: str, split_writer: SplitWriter,
+                  on_progress: Callable[[str, int, int], None] | None) -> int:
+        start, n = split_writer.rows_written, len(dataset)
+        lengths = dataset.lengths() if callable(getattr(dataset, "lengths", None)) else None
+        batches = bucketed_batches(range(start, n), lengths, self.config.batch_size)
+        loader = DataLoader(_Indexed(dataset), batch_sampler=batches, collate_fn=_Collate(self.spec),
+                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        writer = _WriterThread(split_writer)
+        pending: dict[int, tuple] = {}  # finished rows waiting for the rows before them
+        next_row = start
+        try:
+            for indices, batch, labels, ids in loader:
+                for index, row in zip(indices, self._rows(batch, labels, ids, split)):
+                    pending[index] = row
+                ready = _contiguous(pending, next_row)
+                while ready >= self.config.write_block or (ready and next_row + ready == n):
+                    count = min(ready, self.config.write_block)
+                    writer.put(_block([pending.pop(i) for i in range(next_row, next_row + count)]))
+                    next_row, ready = next_row + count, ready - count
+                    if on_progress is not None:
+                        on_progress(split, next_row, n)
+        finally:
+            writer.close()  # whatever was handed over is written, even when a later batch failed
+        return n - start
+
+    def _rows(self, batch: Any, labels: list, ids: list[str], split: str) -> Iterator[tuple]:
+        hidden, mask = self.encode(batch)
+        rounded = round_through(hidden, self.config.dtype)
+        lengths = mask.sum(1)
+        empty = (lengths == 0).nonzero().flatten()
+        if len(empty):
+            raise DataError(f"sequence {ids[int(empty[0])]!r} of split {split!r} has no positions (its mask is all "
+                            "False); remove it from the data set or give it at least one event")
+        broken = (~torch.isfinite(hidden) & mask.unsqueeze(-1)).flatten(1).any(1).nonzero().flatten()
+        if len(broken):
+            raise NonFiniteError(f"the backbone produced NaN or Inf for sequence {ids[int(broken[0])]!r} of split "
+                                 f"{split!r}; check that sequence's inputs (the rows before it are kept, and a "
+                                 "rerun resumes there)")
+        pooled = {name: pool_parameter_free(name, rounded, mask).cpu().numpy() for name in PARAMETER_FREE_POOLS}
+        stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()
+        mask_np = mask.cpu().numpy()
+        for b, (label, item_id) in enumerate(zip(labels, ids)):
+            label = self._check_label(label, item_id, split)
+            yield stored[b][mask_np[b]], label, item_id, {name: p[b] for name, p in pooled.items()}
+
+    def _check_label(self, label: Any, item_id: str, split: str) -> int:
+        value = int(label) if not isinstance(label, torch.Tensor) else int(label.item())
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            raise DataError(f"sequence {item_id!r} of split {split!r} has label {value}; labels must be "
+                            f"0..{(self.num_classes or 2) - 1}")
+        return value
+
+
+def _contiguous(pending: dict[int, tuple], start: int) -> int:
+    count = 0
+    while start + count in pending:
+        count += 1
+    return count
+
+
+def _block(rows: list[tuple]) -> tuple:
+    tokens = [r[0] for r in rows]
+    labels = np.array([r[1] for r in rows], dtype=np.int64)
+    ids = [r[2] for r in rows]
+    pooled = {name: np.stack([r[3][name] for r in rows]) for name in rows[0][3]}
+    return tokens, labels, ids, pooled
