@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny demo data set in the seed's layout, and caches extracted from it.
+
+The tiny backbone (size="tiny": d=16, 2 transformer layers) and a few dozen
+ragged patients keep the whole suite in minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from headcache.backbones.demo import write_demo
+from headcache.extract import ExtractConfig, extract
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURE = SHARED / "seqsetvae_fixture"
+TINY_PATIENTS = 80
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """DemoFiles (data_dir, checkpoint) of a tiny demo: 80 patients, tiny backbone."""
+    return write_demo(tmp_path_factory.mktemp("tiny_demo"), patients=TINY_PATIENTS, seed=0, size="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_options(tiny_demo) -> dict[str, str]:
+    """--spec-opt pairs of the seqsetvae spec for the tiny demo."""
+    return {"data": str(tiny_demo.data_dir), "size": "tiny"}
+
+
+def _extract(tmp_path_factory, tiny_demo, tiny_options, dtype: str) -> Path:
+    out = tmp_path_factory.mktemp(f"cache_{dtype}") / "cache.h5"
+    extract("seqsetvae", tiny_demo.checkpoint, out, ExtractConfig(dtype=dtype, device="cpu", batch_size=16),
+            spec_options=tiny_options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_demo, tiny_options) -> Path:
+    """A float32 cache of the tiny demo (read-only: copy it before changing it)."""
+    return _extract(tmp_path_factory, tiny_demo, tiny_options, "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_f16(tmp_path_factory, tiny_demo, tiny_options) -> Path:
+    """A float16 cache of the tiny demo (read-only)."""
+    return _extract(tmp_path_factory, tiny_demo, tiny_options, "float16")
