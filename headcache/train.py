@@ -230,7 +230,8 @@ def bank_key(config: TrainConfig) -> tuple:
 
 
 def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim: int,
-        on_epoch: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
+        on_epoch: Callable[[int, list[dict]], None] | None = None,
+        on_step: Callable[[int, int, Tensor], None] | None = None) -> list[FitResult]:
     """Train K heads as one batched computation; return each head's result.
 
     Parameters
@@ -243,6 +244,8 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
         C and D.
     on_epoch : callable, optional
         Called after each epoch with (epoch, the K history rows).
+    on_step : callable, optional
+        Called after each step with (epoch, step, the K losses, detached).
     """
     configs = [t.config for t in tasks]
     if len({bank_key(c) for c in configs}) != 1:
@@ -311,6 +314,8 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
             clip_per_head(params, max_norm)
             optimizer.step(lr)
             total += losses.detach()
+            if on_step is not None:
+                on_step(epoch, step, losses.detach())
         train_loss = (total / steps).tolist()
 
         val_probs, val_loss = _evaluate_tasks(model, source, tasks, "val", labels["val"], loss_args)
