@@ -276,19 +276,26 @@ class _Runner:
         writer = _WriterThread(split_writer)
         pending: dict[int, tuple] = {}  # finished rows waiting for the rows before them
         next_row = start
+        def hand_over(everything_ready: bool) -> None:
+            nonlocal next_row
+            ready = _contiguous(pending, next_row)
+            while ready >= self.config.write_block or (ready and (everything_ready or next_row + ready == n)):
+                count = min(ready, self.config.write_block)
+                writer.put(_block([pending.pop(i) for i in range(next_row, next_row + count)]))
+                next_row, ready = next_row + count, ready - count
+                if on_progress is not None:
+                    on_progress(split, next_row, n)
+
         try:
             for indices, batch, labels, ids in loader:
                 for index, row in zip(indices, self._rows(batch, labels, ids, split)):
                     pending[index] = row
-                ready = _contiguous(pending, next_row)
-                while ready >= self.config.write_block or (ready and next_row + ready == n):
-                    count = min(ready, self.config.write_block)
-                    writer.put(_block([pending.pop(i) for i in range(next_row, next_row + count)]))
-                    next_row, ready = next_row + count, ready - count
-                    if on_progress is not None:
-                        on_progress(split, next_row, n)
+                hand_over(everything_ready=False)
+        except BaseException:
+            hand_over(everything_ready=True)  # keep every finished row in order, so a rerun resumes after them
+            raise
         finally:
-            writer.close()  # whatever was handed over is written, even when a later batch failed
+            writer.close()
         return n - start
 
     def _rows(self, batch: Any, labels: list, ids: list[str], split: str) -> Iterator[tuple]:
