@@ -1,0 +1,60 @@
+"""Metrics: equal to scikit-learn, undefined (not 0.5) for one class, CIs seeded and reproducible."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from headcache.metrics import SingleClassWarning, bootstrap_intervals, classification_metrics, rows_auprc, rows_auroc
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0, 0.33])), min_size=2, max_size=40))
+def test_row_metrics_equal_sklearn_with_ties(pairs):
+    labels = np.array([p[0] for p in pairs])
+    scores = np.array([p[1] for p in pairs])
+    if labels.min() == labels.max():
+        return
+    assert rows_auroc(scores[None], labels[None] == 1)[0] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert rows_auprc(scores[None], labels[None] == 1)[0] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def _probs(rng, n):
+    p1 = rng.random(n)
+    return np.stack([1 - p1, p1], 1)
+
+
+def test_binary_metrics():
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1, 0])
+    m = classification_metrics(probs, labels)
+    assert m["auroc"] == 1.0 and m["auprc"] == 1.0 and m["accuracy"] == 1.0 and m["n"] == 4
+
+
+def test_one_class_gives_none_and_warns():
+    with pytest.warns(SingleClassWarning, match="split val holds only class 0"):
+        m = classification_metrics(_probs(np.random.default_rng(0), 5), np.zeros(5, int), split="val")
+    assert m["auroc"] is None and m["auprc"] is None and m["accuracy"] >= 0
+    assert bootstrap_intervals(_probs(np.random.default_rng(0), 5), np.zeros(5, int)) == {"auroc_ci": None, "auprc_ci": None}
+
+
+def test_bootstrap_is_seeded_stratified_and_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(_probs(rng, 200) + 0.3 * labels[:, None] * np.array([-1, 1]), 0, 1)
+    a = bootstrap_intervals(probs, labels, seed=3)
+    assert a == bootstrap_intervals(probs, labels, seed=3)
+    assert a != bootstrap_intervals(probs, labels, seed=4)
+    point = classification_metrics(probs, labels)
+    assert a["auroc_ci"][0] < point["auroc"] < a["auroc_ci"][1]
+    assert a["auprc_ci"][0] < point["auprc"] < a["auprc_ci"][1]
+
+
+def test_multiclass_is_macro_one_vs_rest():
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(3), 60)
+    labels = rng.integers(0, 3, 60)
+    m = classification_metrics(probs, labels)
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
