@@ -1,0 +1,194 @@
+"""The demo: deterministic synthetic data and checkpoint in the seed's layout."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from headcache.backbones import demo
+from headcache.backbones.seqsetvae import SEED_DIMS, SIZES, SeqSetVAEBackbone
+from headcache.errors import ConfigError, OutputExistsError, SpecError
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _patient_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "patient_ehr").glob("*/*.parquet"))
+
+
+def _oc(data_dir: Path) -> dict[int, int]:
+    with open(data_dir / "oc.csv", newline="") as handle:
+        return {int(row["ts_id"]): int(row["in_hospital_mortality"]) for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> demo.DemoFiles:
+    return demo.write_demo(tmp_path_factory.mktemp("demo"), patients=40, seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def many_patients(tmp_path_factory) -> Path:
+    """Data only (no checkpoint), enough patients for rates and ranges."""
+    return demo.write_demo_data(tmp_path_factory.mktemp("many") / "data", patients=400, seed=1)
+
+
+class TestDeterminism:
+    def test_same_seed_writes_the_same_bytes(self, tmp_path):
+        first = demo.write_demo(tmp_path / "one", patients=20, seed=5, size="tiny")
+        second = demo.write_demo(tmp_path / "two", patients=20, seed=5, size="tiny")
+        assert first.checkpoint.name == second.checkpoint.name == "backbone.ckpt"
+        one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+        assert len(one) == 20 + 5  # patients, cached/stats/oc.csv, demo.json, backbone.ckpt
+        assert one == two
+
+    def test_another_seed_writes_other_data_and_weights(self, tmp_path):
+        first = demo.write_demo(tmp_path / "one", patients=20, seed=5, size="tiny")
+        second = demo.write_demo(tmp_path / "two", patients=20, seed=6, size="tiny")
+        assert (first.data_dir / "cached.csv").read_bytes() != (second.data_dir / "cached.csv").read_bytes()
+        tables = [[pq.read_table(p) for p in _patient_files(d)] for d in (first.data_dir, second.data_dir)]
+        assert any(not a.equals(b) for a, b in zip(*tables))
+        states = [torch.load(f.checkpoint, weights_only=True)["state_dict"] for f in (first, second)]
+        assert not torch.equal(states[0]["pos_embedding"], states[1]["pos_embedding"])
+
+    def test_global_random_state_is_untouched(self, tmp_path):
+        torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+        demo.write_demo(tmp_path, patients=10, seed=3, size="tiny")
+        assert torch.equal(torch.get_rng_state(), torch_state)
+        assert np.array_equal(np.random.get_state()[1], numpy_state)
+
+
+class TestCheckpoint:
+    def test_lightning_layout(self, tiny_demo):
+        checkpoint = torch.load(tiny_demo.checkpoint, weights_only=True)
+        expected = {"state_dict", "epoch", "global_step", "pytorch-lightning_version", "hyper_parameters"}
+        assert expected <= set(checkpoint)
+        hyper = checkpoint["hyper_parameters"]
+        assert all(isinstance(v, (int, float)) for v in hyper.values())
+        assert {k: hyper[k] for k in SEED_DIMS} == {**SEED_DIMS, **SIZES["tiny"]}
+
+    def test_backbone_keys_load_strictly_and_the_rest_is_decoder_and_stale_head(self, tiny_demo):
+        state = torch.load(tiny_demo.checkpoint, weights_only=True)["state_dict"]
+        backbone = SeqSetVAEBackbone(**{**SEED_DIMS, **SIZES["tiny"]})
+        own = backbone.state_dict()
+        assert set(own) <= set(state)
+        backbone.load_state_dict({key: state[key] for key in own}, strict=True)
+        leftover = set(state) - set(own)
+        assert leftover == {k for k in state if k.startswith(("decoder.", "cls_head."))}
+        assert any(k.startswith("decoder.") for k in leftover)
+        # the joint model's 4-layer head: its names clash with headcache's head, its shapes do not fit it
+        latent = SIZES["tiny"]["latent_dim"]
+        assert state["cls_head.0.weight"].shape == (latent, latent) != (latent // 2, latent)
+        assert state["cls_head.12.weight"].shape == (2, latent // 4)
+
+    def test_seed_size_checkpoint_has_the_117_backbone_keys(self):
+        state = demo.demo_checkpoint({**SEED_DIMS}, seed=0)["state_dict"]
+        own = SeqSetVAEBackbone().state_dict()
+        assert len(own) == 117 and set(own) <= set(state)
+        assert all(state[k].shape == own[k].shape for k in own)
+
+
+class TestData:
+    def test_layout_and_split_shares(self, tiny_demo):
+        data = tiny_demo.data_dir
+        assert {p.name for p in data.iterdir()} >= {"patient_ehr", "cached.csv", "stats.csv", "oc.csv"}
+        counts = {s: len(list((data / "patient_ehr" / s).glob("*.parquet"))) for s in ("train", "valid", "test")}
+        assert counts == {"train": 28, "valid": 6, "test": 6}
+
+    def test_ragged_sets_and_events(self, many_patients):
+        set_counts, set_sizes = [], []
+        for path in _patient_files(many_patients):
+            table = pq.read_table(path).to_pydict()
+            key = table["set_index"] if "set_index" in table else table["minute"]
+            starts = [0] + [i for i in range(1, len(key)) if key[i] != key[i - 1]] + [len(key)]
+            set_counts.append(len(starts) - 1)
+            set_sizes += np.diff(starts).tolist()
+        assert (min(set_counts), max(set_counts)) == (5, 60)
+        assert (min(set_sizes), max(set_sizes)) == (1, 20)
+
+    def test_file_variants_of_the_seed_layout(self, many_patients):
+        files = _patient_files(many_patients)
+        stems = [p.name[: -len(".parquet")] for p in files]
+        assert any(s.endswith(".0") for s in stems) and any("." not in s for s in stems)
+        with_index = ["set_index" in pq.read_schema(p).names for p in files]
+        assert any(with_index) and not all(with_index)
+        with open(many_patients / "stats.csv", newline="") as handle:
+            scaled = {row["variable"] for row in csv.DictReader(handle)}
+        with open(many_patients / "cached.csv", newline="") as handle:
+            rows = list(csv.reader(handle))
+        variables = {row[0] for row in rows[1:]}
+        assert 30 <= len(variables) <= 40 and "Bilirubin, Total" in variables
+        assert len(rows[0]) == 1 + 768
+        assert variables - scaled == set(demo.UNSCALED)
+
+    def test_positive_rate_and_labels_for_every_file(self, many_patients):
+        labels = _oc(many_patients)
+        ids = [int(float(p.name[: -len(".parquet")])) for p in _patient_files(many_patients)]
+        assert set(ids) < set(labels)  # oc.csv also lists stays without a file, as the seed's did
+        assert 0.1 <= np.mean([labels[i] for i in ids]) <= 0.2
+
+    def test_label_is_in_co_occurrence_not_in_raw_means(self, many_patients):
+        labels = _oc(many_patients)
+        (lactate, lactate_shift), (pressure, pressure_shift) = demo.PAIR.items()
+        means, stds = ({name: row[k] for name, *row in demo.VARIABLES} for k in (0, 1))
+        both, lactate_mean, positive = [], [], []
+        for path in _patient_files(many_patients):
+            table = pq.read_table(path).to_pandas()
+            z = (table["value"] - table["variable"].map(means)) / table["variable"].map(stds)
+            key = table["set_index"] if "set_index" in table else table["minute"]
+            set_of_row = (key != key.shift()).cumsum()
+            high = (z[table["variable"] == lactate] > lactate_shift / 2).groupby(set_of_row).any()
+            low = (z[table["variable"] == pressure] < pressure_shift / 2).groupby(set_of_row).any()
+            joint = high.reindex(low.index, fill_value=False) & low
+            both.append(joint.mean())
+            lactate_mean.append(table.loc[table["variable"] == lactate, "value"].mean())
+            positive.append(labels[int(float(path.name[: -len(".parquet")]))] == 1)
+        both, lactate_mean, positive = map(np.array, (both, lactate_mean, positive))
+        assert both[positive].mean() > 0.3 > 0.15 > both[~positive].mean()
+        assert abs(lactate_mean[positive].mean() - lactate_mean[~positive].mean()) < 0.25 * stds[lactate]
+
+
+class TestRerunsAndSpec:
+    def test_rerun_keeps_the_files_and_new_arguments_rewrite_them(self, tmp_path):
+        data = demo.write_demo_data(tmp_path / "data", patients=12, seed=0)
+        before = _files(data)
+        demo.write_demo_data(data, patients=12, seed=0)
+        assert _files(data) == before
+        demo.write_demo_data(data, patients=15, seed=0)
+        assert len(_patient_files(data)) == 15
+        assert not (data / "patient_ehr.partial").exists()
+
+    def test_refuses_data_it_did_not_write(self, tmp_path):
+        (tmp_path / "data" / "patient_ehr").mkdir(parents=True)
+        with pytest.raises(OutputExistsError, match="not written by the demo"):
+            demo.write_demo(tmp_path, patients=12)
+
+    def test_too_few_patients(self, tmp_path):
+        with pytest.raises(ConfigError, match="patients=3.*at least 10"):
+            demo.write_demo(tmp_path, patients=3)
+
+    def test_unknown_size(self, tmp_path):
+        with pytest.raises(SpecError, match="unknown size"):
+            demo.write_demo(tmp_path, patients=10, size="huge")
+
+    def test_make_spec_generates_missing_data_and_encodes_with_the_tiny_checkpoint(self, tmp_path, tiny_demo):
+        data = tmp_path / "fresh" / "data"
+        spec = demo.make_spec(str(data), patients="12", seed="0", size="tiny")
+        assert (data / "patient_ehr").is_dir() and len(_patient_files(data)) == 12
+        backbone = spec.backbone()
+        state = torch.load(tiny_demo.checkpoint, weights_only=True)["state_dict"]
+        backbone.load_state_dict({k: state[k] for k in backbone.state_dict()}, strict=True)
+        dataset = spec.dataset("valid")
+        with torch.inference_mode():
+            hidden, mask = spec.encode(backbone.eval(), spec.collate([dataset[i][0] for i in range(len(dataset))]))
+        assert hidden.shape[-1] == SIZES["tiny"]["latent_dim"]
+        assert mask.sum(1).min() >= 5 and torch.isfinite(hidden).all()
+
+    def test_make_spec_options_must_be_integers(self, tmp_path):
+        with pytest.raises(SpecError, match="patients='many'"):
+            demo.make_spec(str(tmp_path / "data"), patients="many")
