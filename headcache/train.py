@@ -500,7 +500,8 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device))
     splits = resolve_splits(config, source.splits)
     out = prepare_out_dir(out, overwrite)
-    write_config(out, config, cache=str(cache), splits=splits, fingerprint=source.backbone_fingerprint)
+    write_config(out, config, cache=str(cache), splits=splits, fingerprint=source.backbone_fingerprint,
+                 dtype=source.dtype)
     num_classes = num_classes_of(source, splits)
     [result] = fit(source, tasks_for_splits([config], source, splits), num_classes=num_classes,
                    hidden_dim=source.hidden_dim, on_epoch=on_epoch)
