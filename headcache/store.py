@@ -315,7 +315,8 @@ class SplitWriter:
 
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         source = np.concatenate(tokens, axis=0)
-        block = source.astype(self._dtype)
+        with np.errstate(over="ignore"):  # overflow is checked, with the sequence named, below
+            block = source.astype(self._dtype)
         if self._dtype == np.float16:
             self._check_float16(source, block, lengths, ids)
 
