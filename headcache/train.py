@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from headcache.errors import ConfigError, OutputExistsError
-from headcache.features import CachedFeatures, TokenBatch
+from headcache.features import CachedFeatures, TokenBatch, parse_bytes
 from headcache.head import HEAD_NAMES, HeadBank
 from headcache.losses import LOSS_NAMES, LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
@@ -62,6 +62,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str | None = None  # None: the cache's val or valid
     test_split: str | None = "test"
+    memory_budget: int | None = None  # bytes for token matrices on the device; None: a share of what is free
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -86,6 +87,7 @@ CONSTRAINTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "hidden": ("an integer >= 1 (or unset)", lambda v: v is None or (_integer(v) and v >= 1)),
     "focal_gamma": ("a number >= 0", lambda v: _number(v) and v >= 0),
     "seed": ("an integer >= 0", lambda v: _integer(v) and v >= 0),
+    "memory_budget": ("an integer >= 1 (bytes, or unset)", lambda v: v is None or (_integer(v) and v >= 1)),
 }
 
 
@@ -125,7 +127,7 @@ def _parse_value(name: str, text: str, current: Any) -> Any:
         return None
     kind = {"epochs": int, "batch_size": int, "patience": int, "hidden": int, "seed": int,
             "lr": float, "weight_decay": float, "min_delta": float, "grad_clip": float,
-            "dropout": float, "focal_gamma": float}.get(name, str)
+            "dropout": float, "focal_gamma": float, "memory_budget": parse_bytes}.get(name, str)
     try:
         return kind(text)
     except ValueError:
@@ -137,6 +139,13 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     eta_min = base_lr * 1e-3, as a pure function (nanoGPT's get_lr)."""
     eta_min = base_lr * 1e-3
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def epoch_order(source: Any, split: str, rows: Tensor, generator: torch.Generator) -> Tensor:
+    """One epoch's order of ``rows``: a shuffle, or the order the source proposes (a streamed token
+    split keeps blocks of the file together; NOTE [ Streaming tokens ] in features.py)."""
+    propose = getattr(source, "epoch_order", None)
+    return propose(split, rows, generator) if propose else rows[torch.randperm(len(rows), generator=generator)]
 
 
 def derived_seeds(seed: int) -> tuple[int, int, int]:
@@ -299,8 +308,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
         started = time.perf_counter()
         lr = as_tensor([cosine_lr(c.lr, epoch, c.epochs) if active[k] else 0.0 for k, c in enumerate(configs)])
         model.train()
-        permutations = [t.train[1][torch.randperm(len(t.train[1]), generator=g)]
-                        for t, g in zip(tasks, order_generators)]
+        permutations = [epoch_order(source, train_split, t.train[1], g) for t, g in zip(tasks, order_generators)]
         total = torch.zeros(k_heads, device=device)
         for step in range(steps):
             window = slice(step * first.batch_size, (step + 1) * first.batch_size)
@@ -497,7 +505,8 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     >>> result.metrics["test"]["auroc"]  # doctest: +SKIP
     """
     started = time.perf_counter()
-    source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device))
+    source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
+                            memory_budget=config.memory_budget)
     splits = resolve_splits(config, source.splits)
     out = prepare_out_dir(out, overwrite)
     write_config(out, config, cache=str(cache), splits=splits, fingerprint=source.backbone_fingerprint,
