@@ -61,10 +61,11 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 class _Rate(ProgressColumn):
-    """Sequences per second, from rich's own moving estimate."""
+    """Sequences per second written by this run (rows found done when resuming are not counted)."""
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} seq/s" if task.speed else "")
+        done = task.completed - task.fields["resumed_at"]
+        return Text(f"{done / task.elapsed:.1f} seq/s" if task.elapsed and done > 0 else "")
 
 
 @contextlib.contextmanager
@@ -76,7 +77,7 @@ def _extract_hooks() -> Iterator[dict]:
 
         def on_progress(split: str, done: int, total: int) -> None:
             if split not in bars:
-                bars[split] = progress.add_task(f"extract {split}", total=total)
+                bars[split] = progress.add_task(f"extract {split}", total=total, completed=done, resumed_at=done)
             progress.update(bars[split], completed=done, refresh=True)
 
         def on_load(report) -> None:
@@ -182,9 +183,9 @@ def _epoch_printer(prefix: str = ""):
     def on_epoch(epoch: int, rows: list[dict]) -> None:
         row = rows[0]
         if row:
-            console.print(f"{prefix}epoch {epoch:3d}  train loss {row['train_loss']:.4f}  val loss "
-                          f"{row['val_loss']:.4f}  val AUROC {row['val_auroc']:.4f}  lr {row['lr']:.2e}  "
-                          f"{row['seconds']:.2f}s", highlight=False)
+            console.print(f"{prefix}epoch {epoch:3d}  loss {row['train_loss']:.4f} / val {row['val_loss']:.4f}  "
+                          f"val AUROC {row['val_auroc']:.4f}  lr {row['lr']:.1e}  {row['seconds']:.2f}s",
+                          highlight=False)
     return on_epoch
 
 

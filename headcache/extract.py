@@ -288,6 +288,8 @@ class _Runner:
                 if on_progress is not None:
                     on_progress(split, next_row, n)
 
+        if on_progress is not None:
+            on_progress(split, start, n)  # the split starts (or resumes) here
         try:
             for indices, batch, labels, ids in loader:
                 for index, row in zip(indices, self._rows(batch, labels, ids, split)):
