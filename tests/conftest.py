@@ -5,9 +5,11 @@ ragged patients keep the whole suite in minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from headcache.backbones.demo import write_demo
 from headcache.extract import ExtractConfig, extract
@@ -16,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURE = SHARED / "seqsetvae_fixture"
 TINY_PATIENTS = 80
+TOY = str(REPO / "tests" / "data" / "toy_spec.py") + ":make_spec"  # a spec written outside the package
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +50,14 @@ def tiny_cache(tmp_path_factory, tiny_demo, tiny_options) -> Path:
 def tiny_cache_f16(tmp_path_factory, tiny_demo, tiny_options) -> Path:
     """A float16 cache of the tiny demo (read-only)."""
     return _extract(tmp_path_factory, tiny_demo, tiny_options, "float16")
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    """Weights for tests/data/toy_spec.py's backbone, saved as a plain state dict."""
+    sys.path.insert(0, str(REPO / "tests" / "data"))
+    import toy_spec
+
+    path = tmp_path_factory.mktemp("toy") / "toy.pt"
+    torch.save(toy_spec.ToyBackbone().state_dict(), path)
+    return path

@@ -8,22 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import TOY
 from headcache.cli import app
 from headcache.store import CacheReader, CacheWriter
 
-TOY = str(REPO / "tests" / "data" / "toy_spec.py") + ":make_spec"
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that table cells do not wrap
 
 
@@ -37,16 +34,6 @@ def assert_user_error(result, *fragments: str) -> None:
     assert "error:" in output and "Traceback" not in output, output
     for fragment in fragments:
         assert fragment in " ".join(output.split()), f"{fragment!r} not in {output!r}"
-
-
-@pytest.fixture(scope="module")
-def toy_checkpoint(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "tests" / "data"))
-    import toy_spec
-
-    path = tmp_path_factory.mktemp("toy") / "toy.pt"
-    torch.save(toy_spec.ToyBackbone().state_dict(), path)
-    return path
 
 
 def _extract_args(spec, checkpoint, out, *extra):

@@ -12,7 +12,7 @@ import torch
 
 from headcache.features import CachedFeatures, LiveFeatures
 from headcache.spec import load_backbone, resolve_spec
-from headcache.train import TrainConfig, fit, resolve_splits, tasks_for_splits
+from headcache.train import TrainConfig, fit, tasks_for_splits
 
 TOLERANCE = 1e-5
 

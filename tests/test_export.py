@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from headcache.cli import app
 from headcache.errors import FingerprintMismatchError
-from headcache.export import export, predict
+from headcache.export import export
 from headcache.train import TrainConfig, train
 
 

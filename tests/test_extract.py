@@ -1,7 +1,6 @@
 """Stage 1: extraction writes every sequence once, in dataset order, resumably, refusing bad data."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURE, REPO
+from conftest import FIXTURE, REPO, TOY
 from headcache.errors import ConfigError, DataError, NonFiniteError, OutputExistsError
 from headcache.extract import ExtractConfig, bucketed_batches, extract
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.store import CacheReader
 
-TOY = str(REPO / "tests" / "data" / "toy_spec.py") + ":make_spec"
-
-
-@pytest.fixture(scope="module")
-def toy_checkpoint(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "tests" / "data"))
-    import toy_spec
-
-    path = tmp_path_factory.mktemp("toy") / "toy.pt"
-    torch.save(toy_spec.ToyBackbone().state_dict(), path)
-    return path
 
 
 def _config(**changes) -> ExtractConfig:

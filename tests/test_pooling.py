@@ -22,8 +22,8 @@ def test_mean_max_last_by_hand():
 
 
 def test_meanq_is_the_seeds_unscaled_mean_query_attention():
-    q = torch.tensor([0.5, 1.0])
-    scores = torch.tensor([1.0 * 0.5, 2.0 * 1.0])  # h_t . q, no 1/sqrt(D)
+    # q = mean of the two real states = (0.5, 1.0); scores h_t . q, no 1/sqrt(D)
+    scores = torch.tensor([1.0 * 0.5, 2.0 * 1.0])
     w = torch.softmax(scores, 0)
     expected = w[0] * HIDDEN[0, 0] + w[1] * HIDDEN[0, 1]
     assert torch.allclose(pool_parameter_free("meanq", HIDDEN, MASK)[0], expected)
