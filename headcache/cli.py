@@ -102,16 +102,22 @@ def extract_command(
     key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
     trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
     overwrite: bool = typer.Option(False, help="Replace an existing cache file."),
+    plan: bool = typer.Option(False, "--plan", help="Estimate cache size, extraction time and break-even "
+                              "from a small sample; print them and exit without writing."),
 ) -> None:
     """Run the backbone once over the spec's splits and write the HDF5 cache."""
     from headcache.checkpoint import parse_key_map
-    from headcache.extract import ExtractConfig, extract
+    from headcache.extract import ExtractConfig, extract, plan_extraction
 
     with _user_errors(ctx):
         config = ExtractConfig(splits=tuple(splits.split(",")) if splits else None, batch_size=batch_size,
                                dtype=dtype, device=device, num_workers=num_workers, amp=amp,
                                key_map=parse_key_map(key_map), trust_checkpoint=trust_checkpoint,
                                overwrite=overwrite)
+        if plan:
+            console.print(plan_extraction(spec, checkpoint, config, spec_options=_pairs(spec_opt, "--spec-opt"))
+                          .summary(), highlight=False)
+            return
         with _extract_hooks() as hooks:
             result = extract(spec, checkpoint, out, config, spec_options=_pairs(spec_opt, "--spec-opt"), **hooks)
         sizes = ", ".join(f"{s} {n}" for s, n in result.split_sizes.items())
@@ -157,12 +163,15 @@ def inspect_command(
 
 def _train_options(pool: str, head: str, loss: Optional[str], lr: float, weight_decay: float, epochs: int,
                    batch_size: int, patience: int, seed: int, device: str, dropout: float,
-                   hidden: Optional[int], val_split: Optional[str], test_split: str):
+                   hidden: Optional[int], val_split: Optional[str], test_split: str,
+                   memory_budget: Optional[str] = None):
+    from headcache.features import parse_bytes
     from headcache.train import TrainConfig
 
     return TrainConfig(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
                        batch_size=batch_size, patience=patience, seed=seed, device=device, dropout=dropout,
-                       hidden=hidden, val_split=val_split, test_split=test_split)
+                       hidden=hidden, val_split=val_split, test_split=test_split,
+                       memory_budget=parse_bytes(memory_budget) if memory_budget else None)
 
 
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
@@ -208,6 +217,9 @@ def train_command(
     hidden: Optional[int] = typer.Option(None, help="mlp width (default: hidden_dim // 2)."),
     val_split: Optional[str] = typer.Option(None, help="Default: the cache's val or valid split."),
     test_split: str = typer.Option("test"),
+    memory_budget: Optional[str] = typer.Option(None, help="Memory the token cache may take on the device, "
+                                                "e.g. 4G (default: half of what is free); beyond it, "
+                                                "tokens are streamed from the file."),
     overwrite: bool = typer.Option(False, help="Replace the files of an existing run directory."),
     quiet: bool = typer.Option(False, help="Do not print every epoch."),
 ) -> None:
@@ -216,7 +228,7 @@ def train_command(
 
     with _user_errors(ctx):
         config = _train_options(pool, head, loss, lr, weight_decay, epochs, batch_size, patience, seed, device,
-                                dropout, hidden, val_split, test_split)
+                                dropout, hidden, val_split, test_split, memory_budget)
         result = train(cache, out, config, overwrite=overwrite, on_epoch=None if quiet else _epoch_printer())
         console.print(_metrics_table(f"best epoch {result.result.best_epoch} (of {result.result.epochs_run})",
                                      result.metrics))
@@ -249,6 +261,106 @@ def demo_command(
         console.print(table)
         console.print(f"data {summary.data_dir}, checkpoint {summary.checkpoint}, cache {summary.cache}, "
                       f"run {summary.run_dir}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ export, predict
+
+
+@app.command("export")
+def export_command(
+    ctx: typer.Context,
+    spec: str = typer.Option(..., help="The spec the run's cache was extracted with."),
+    checkpoint: Path = typer.Option(..., help="The backbone checkpoint that wrote the run's cache."),
+    run: Path = typer.Option(..., help="A run directory (train or sweep)."),
+    out: Path = typer.Option(..., help="The model file to write."),
+    spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
+    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing model file."),
+) -> None:
+    """Write backbone + pool + the run's best head as one deployable model."""
+    from headcache.checkpoint import parse_key_map
+    from headcache.export import export
+
+    with _user_errors(ctx):
+        result = export(spec, checkpoint, run, out, spec_options=_pairs(spec_opt, "--spec-opt"),
+                        key_map=parse_key_map(key_map), trust=trust_checkpoint, overwrite=overwrite)
+        console.print(f"wrote {result.path}: backbone {result.backbone_fingerprint[:12]}, head of epoch "
+                      f"{result.head_epoch}", highlight=False)
+
+
+@app.command("predict")
+def predict_command(
+    ctx: typer.Context,
+    model: Path = typer.Option(..., help="A model file written by export."),
+    out: Path = typer.Option(..., help="The csv to write: id, label, p0..pC."),
+    split: str = typer.Option("test", help="The spec's split to predict."),
+    spec: Optional[str] = typer.Option(None, help="Default: the spec stored in the model."),
+    spec_opt: list[str] = typer.Option([], help="Override a stored spec option, key=value (e.g. data=DIR)."),
+    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(64),
+) -> None:
+    """Predict a split of the spec's data with an exported model."""
+    from headcache.export import predict
+
+    with _user_errors(ctx):
+        path = predict(model, split, out, spec=spec, spec_options=_pairs(spec_opt, "--spec-opt"), device=device,
+                       batch_size=batch_size)
+        console.print(f"wrote {path}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+def _bench_table(result) -> Table:
+    """The measured and projected seconds of both paths, the ratios and the equivalence check."""
+    table = Table("", "end to end", "cached", "ratio", title=f"bench: {result.spec}, {result.pool} pool, "
+                  f"{result.head} head, {result.device}, {result.epochs} epochs timed each way")
+    table.add_row("extraction (once)", "-", f"{result.extract_seconds:.1f}s", "")
+    table.add_row("seconds per epoch", f"{result.epoch_seconds_end_to_end:.3f}s",
+                  f"{result.epoch_seconds_cached:.3f}s", f"{result.speedup_per_epoch:.0f}x")
+    for epochs in (10, 50, 100):
+        end_to_end, cached = result.total_seconds(epochs)
+        table.add_row(f"{epochs} epochs (projected)", f"{end_to_end:.0f}s", f"{cached:.0f}s",
+                      f"{result.speedup_at(epochs):.1f}x")
+    even = result.break_even_epochs
+    table.add_row("break-even", "", f"{even} epoch{'s' if even != 1 else ''}" if even else "never", "")
+    table.add_row("max |weight diff|", "", f"{result.max_abs_weight_diff:.2g}",
+                  f"tolerance {result.tolerance:g}")
+    return table
+
+
+@app.command("bench")
+def bench_command(
+    ctx: typer.Context,
+    spec: str = typer.Option(..., help="Built-in spec name, package.module:function or file.py:function."),
+    checkpoint: Path = typer.Option(..., help="The backbone's weights (.ckpt, .pt, .safetensors)."),
+    spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
+    epochs: int = typer.Option(3, help="Epochs timed on each path."),
+    out: Path = typer.Option(Path("cache/bench"), help="Folder for bench.json, bench.png and the cache."),
+    pool: str = typer.Option("meanq", help="meanq, meanq_scaled, learned, mean, max or last."),
+    head: str = typer.Option("mlp", help="mlp or linear."),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("float16", help="Storage dtype of the cache: float16 or float32."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N items of each split (quicker)."),
+    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
+) -> None:
+    """Time end-to-end training against extraction + training from the cache, same head and batches."""
+    from headcache.bench import bench
+    from headcache.checkpoint import parse_key_map
+    from headcache.train import TrainConfig
+
+    with _user_errors(ctx):
+        config = TrainConfig(pool=pool, head=head, batch_size=batch_size, seed=seed, device=device)
+        result = bench(spec, checkpoint, epochs=epochs, out=out, config=config,
+                       spec_options=_pairs(spec_opt, "--spec-opt"), dtype=dtype, limit=limit,
+                       key_map=parse_key_map(key_map), trust_checkpoint=trust_checkpoint,
+                       on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]", highlight=False))
+        console.print(_bench_table(result))
+        console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ export, predict

@@ -57,3 +57,7 @@ class SplitMissingError(CacheError, KeyError):
 
 class SplitIncompleteError(CacheError):
     """The split's extraction has not finished."""
+
+
+class EquivalenceError(HeadcacheError):
+    """Cached and end-to-end training gave different heads (`headcache bench`'s check)."""

@@ -1,0 +1,286 @@
+"""`headcache bench`: what the cache saves, measured on the user's own model in one process.
+
+Both paths run the one training loop (`train.fit`) with the same head, pool,
+seed and batches (NOTE [ Equivalence principle ] in features.py):
+
+- end to end, as the seed trained: the frozen backbone runs inside every
+  step (`LiveFeatures`);
+- cached: one extraction, then every epoch reads the cache (`CachedFeatures`).
+
+It reports the seconds per epoch of each, the extraction's seconds, the
+epoch count from which the cache is ahead (break-even), the projected total
+speedup at 10, 50 and 100 epochs, and the largest difference between the two
+runs' final head weights. That difference is the equivalence check: beyond
+WEIGHT_TOLERANCE, `bench` raises `EquivalenceError`, because the cached
+numbers would then time a different computation.
+
+Only the splits training reads (train and validation) are extracted and
+timed; a test split costs one pass either way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from headcache import __version__
+from headcache.errors import ConfigError, EquivalenceError
+from headcache.extract import ExtractConfig, extract
+from headcache.features import CachedFeatures, LiveFeatures
+from headcache.spec import load_backbone, resolve_device, resolve_spec, spec_splits
+from headcache.train import TrainConfig, fit, num_classes_of, resolve_splits, tasks_for_splits
+
+# Largest |w_cached - w_end_to_end| over the final head weights that still counts as the same training.
+# Measured on the demo backbone at its default size (D = 256; 200 patients; 3, 5 and 10 epochs; float16
+# and float32 caches; meanq and learned pools): 5e-6 to 2.4e-4. That is float32 rounding: the live path
+# encodes other batch compositions than extraction did (padding changes summation order, MKL picks
+# kernels by shape), and AdamW's division by sqrt(v) turns last-bit differences of near-zero gradients
+# into steps of up to lr. Real breaks measured on the same runs: a live path that skips the float16
+# rounding 6.6e-3, noise of 1e-3 on the features 1.5e-2, another batch order 3.7. 1e-3 sits 4x above
+# the noise and 6x below the smallest break.
+WEIGHT_TOLERANCE = 1e-3
+PROJECTED_EPOCHS = (10, 50, 100)
+
+
+@dataclass
+class BenchResult:
+    """What `bench` measured (seconds are wall-clock, per epoch = train steps + validation)."""
+
+    spec: str
+    pool: str
+    head: str
+    device: str
+    dtype: str
+    epochs: int
+    split_sizes: dict[str, int]
+    extract_seconds: float
+    epochs_end_to_end: list[float]  # seconds of each end-to-end epoch
+    epochs_cached: list[float]  # seconds of each cached epoch
+    max_abs_weight_diff: float
+    tolerance: float = WEIGHT_TOLERANCE
+    out: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def epoch_seconds_end_to_end(self) -> float:
+        """Median seconds of an end-to-end epoch (the median ignores a one-off slow epoch)."""
+        return statistics.median(self.epochs_end_to_end)
+
+    @property
+    def epoch_seconds_cached(self) -> float:
+        """Median seconds of a cached epoch."""
+        return statistics.median(self.epochs_cached)
+
+    @property
+    def speedup_per_epoch(self) -> float:
+        return self.epoch_seconds_end_to_end / self.epoch_seconds_cached
+
+    @property
+    def break_even_epochs(self) -> int | None:
+        """The fewest epochs for which extraction + cached epochs take no longer than end to end
+        (None: a cached epoch is not faster, so the cache never pays off)."""
+        saved = self.epoch_seconds_end_to_end - self.epoch_seconds_cached
+        return max(1, math.ceil(self.extract_seconds / saved)) if saved > 0 else None
+
+    def total_seconds(self, epochs: int) -> tuple[float, float]:
+        """Projected (end-to-end, cached incl. extraction) seconds of ``epochs`` epochs."""
+        return epochs * self.epoch_seconds_end_to_end, self.extract_seconds + epochs * self.epoch_seconds_cached
+
+    def speedup_at(self, epochs: int) -> float:
+        end_to_end, cached = self.total_seconds(epochs)
+        return end_to_end / cached
+
+    def to_dict(self) -> dict[str, Any]:
+        """bench.json: flat keys for scripts, then the details."""
+        summary = {
+            "epoch_seconds_end_to_end": self.epoch_seconds_end_to_end,
+            "epoch_seconds_cached": self.epoch_seconds_cached,
+            "extract_seconds": self.extract_seconds,
+            "speedup_per_epoch": self.speedup_per_epoch,
+            "break_even_epochs": self.break_even_epochs,
+            **{f"speedup_at_{n}_epochs": self.speedup_at(n) for n in PROJECTED_EPOCHS},
+            "max_abs_weight_diff": self.max_abs_weight_diff,
+            "tolerance": self.tolerance,
+        }
+        details = {k: v for k, v in asdict(self).items() if k not in summary and k != "out"}
+        return {**summary, **details}
+
+
+def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str | Path | None = None,
+          config: TrainConfig = TrainConfig(), spec_options: dict[str, str] | None = None,
+          dtype: str = "float16", limit: int | None = None, key_map: dict[str, str] | None = None,
+          trust_checkpoint: bool = False, on_stage: Callable[[str], None] = lambda stage: None) -> BenchResult:
+    """Time ``epochs`` epochs end to end against extraction + ``epochs`` epochs from the cache.
+
+    Parameters
+    ----------
+    spec : str or spec object
+        As for `extract` (resolved with ``spec_options``).
+    checkpoint : path
+        The backbone's weights.
+    epochs : int
+        Epochs timed on each path (the schedule is that of ``epochs`` epochs).
+    out : path, optional
+        Folder for ``bench.json``, ``bench.png`` and the cache (``cache.h5``);
+        without it, nothing is kept.
+    config : TrainConfig
+        The head both paths train (its ``epochs`` is replaced by ``epochs``;
+        early stopping is off so that every epoch is timed).
+    dtype : {"float16", "float32"}
+        The cache's dtype; the live path rounds through it.
+    limit : int, optional
+        Use only the first ``limit`` items of each split (a quicker bench;
+        times per epoch scale with the items, so the ratios hold).
+    key_map, trust_checkpoint :
+        As for `extract`.
+    on_stage : callable, optional
+        Called with a line before each stage.
+
+    Raises
+    ------
+    EquivalenceError
+        The two runs' final head weights differ by more than WEIGHT_TOLERANCE.
+
+    Example
+    -------
+    >>> result = bench("seqsetvae", "demo/backbone.ckpt", spec_options={"data": "demo/data"})  # doctest: +SKIP
+    >>> result.speedup_at(50)  # doctest: +SKIP
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"The 'epochs' parameter of bench must be an integer >= 1. Got {epochs!r} instead.")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"The 'limit' parameter of bench must be an integer >= 1 (or unset). Got {limit!r} instead.")
+    spec_text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
+    if isinstance(spec, str):
+        spec = resolve_spec(spec, spec_options)
+    if limit is not None:
+        spec = FirstItems(spec, limit)
+    config = replace(config, epochs=epochs, patience=epochs + 1)  # patience > epochs: every epoch runs
+    device = resolve_device(config.device)
+    train_split, val_split, _ = resolve_splits(config, spec_splits(spec))
+    splits = (train_split, val_split, None)  # no test: it is one pass either way
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(out) if out is not None else Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        cache = folder / "cache.h5"
+        on_stage(f"extracting {train_split} and {val_split} (one backbone pass)")
+        extracted = extract(spec, checkpoint, cache, ExtractConfig(
+            splits=(train_split, val_split), dtype=dtype, device=config.device, key_map=key_map or {},
+            trust_checkpoint=trust_checkpoint, overwrite=True))
+        report = extracted.load_report
+
+        on_stage(f"training {epochs} epochs from the cache")
+        cached = CachedFeatures(cache, pool=config.pool, device=device, expected_fingerprint=report.fingerprint)
+        num_classes = num_classes_of(cached, splits)
+        [from_cache] = fit(cached, tasks_for_splits([config], cached, splits), num_classes=num_classes,
+                           hidden_dim=cached.hidden_dim)
+
+        on_stage(f"training {epochs} epochs end to end (the backbone in every step)")
+        backbone, _ = load_backbone(spec, checkpoint, key_map=key_map, trust=trust_checkpoint)
+        live = LiveFeatures(spec, backbone.to(device), pool=config.pool, dtype=dtype, device=device)
+        [end_to_end] = fit(live, tasks_for_splits([config], live, splits), num_classes=num_classes,
+                           hidden_dim=cached.hidden_dim)
+
+    diff = max(float((from_cache.last_state[name] - end_to_end.last_state[name]).abs().max())
+               for name in from_cache.last_state)
+    result = BenchResult(
+        spec=spec_text, pool=config.pool, head=config.head, device=str(device), dtype=dtype, epochs=epochs,
+        split_sizes=extracted.split_sizes, extract_seconds=extracted.seconds,
+        epochs_end_to_end=[row["seconds"] for row in end_to_end.history],
+        epochs_cached=[row["seconds"] for row in from_cache.history],
+        max_abs_weight_diff=diff, out=Path(out) if out is not None else None, environment=environment())
+    if out is not None:
+        write_bench(result, Path(out))
+    if not diff <= WEIGHT_TOLERANCE:  # also catches NaN
+        raise EquivalenceError(
+            f"cached and end-to-end training disagree: their final head weights differ by {diff:.3g} "
+            f"(tolerance {WEIGHT_TOLERANCE:g}), so the cache does not hold what the backbone computes in "
+            "training. Check that spec.encode is deterministic and padding-invariant (NOTE [ Padding "
+            "invariance ] in headcache/spec.py) and that the backbone has no active dropout")
+    return result
+
+
+class FirstItems:
+    """A spec whose splits hold only their first ``limit`` items; everything else is the spec's."""
+
+    def __init__(self, spec: Any, limit: int):
+        self.spec, self.limit = spec, limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spec, name)
+
+    def dataset(self, split: str) -> "_Prefix":
+        return _Prefix(self.spec.dataset(split), self.limit)
+
+
+class _Prefix(torch.utils.data.Dataset):
+    """The first ``limit`` items of a dataset, with its ``lengths`` and ``labels`` cut to match."""
+
+    def __init__(self, dataset: Any, limit: int):
+        self.dataset, self.n = dataset, min(limit, len(dataset))
+        for name in ("lengths", "labels"):
+            known = getattr(dataset, name, None)
+            if known is not None:
+                setattr(self, name, (lambda known=known: list(known())[:self.n]) if callable(known)
+                        else list(known)[:self.n])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
+def environment() -> dict[str, str]:
+    """Machine and versions, for the record."""
+    info = {"headcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_bench(result: BenchResult, out: Path) -> None:
+    """bench.json and bench.png in ``out``."""
+    (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    plot_bench(result, out / "bench.png")
+
+
+def plot_bench(result: BenchResult, path: Path) -> None:
+    """Cumulative seconds against epochs for both paths, with the break-even epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    even = result.break_even_epochs
+    horizon = max(PROJECTED_EPOCHS[-1], 2 * even if even else 0)
+    epochs = list(range(horizon + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [e * result.epoch_seconds_end_to_end for e in epochs], label="end to end (backbone every step)")
+    ax.plot(epochs, [result.extract_seconds + e * result.epoch_seconds_cached for e in epochs],
+            label="extract once + cached epochs")
+    if even is not None:
+        ax.axvline(even, color="grey", linestyle=":")
+        ax.annotate(f"break-even: {even} epoch{'s' if even > 1 else ''}", (even, result.extract_seconds),
+                    xytext=(6, 12), textcoords="offset points")
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("cumulative seconds")
+    ax.set_title(f"{result.spec}, {result.pool} pool: {result.speedup_at(50):.0f}x faster at 50 epochs "
+                 f"(measured over {result.epochs})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
