@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import math
 import queue
 import threading
 import time
@@ -344,107 +343,6 @@ def _block(rows: list[tuple]) -> tuple:
     ids = [r[2] for r in rows]
     pooled = {name: np.stack([r[3][name] for r in rows]) for name in rows[0][3]}
     return tokens, labels, ids, pooled
-
-
-# ---------------------------------------------------------------------------- extract --plan
-
-
-@dataclass
-class ExtractPlan:
-    """What `plan_extraction` estimates, from a sample, before any extraction work."""
-
-    split_sizes: dict[str, int]
-    sample: int  # items encoded for the estimate
-    tokens_per_item: float
-    hidden_dim: int
-    dtype: str
-    cache_bytes: int
-    extract_seconds: float
-    epoch_seconds_end_to_end: float  # the non-test splits through the backbone in training-size batches
-
-    @property
-    def break_even_epochs(self) -> int:
-        """Epochs after which extraction has paid for itself, taking a cached epoch as free next to a
-        backbone pass (`headcache bench` measures both)."""
-        return max(1, math.ceil(self.extract_seconds / self.epoch_seconds_end_to_end))
-
-    def summary(self) -> str:
-        items = sum(self.split_sizes.values())
-        sizes = ", ".join(f"{s} {n}" for s, n in self.split_sizes.items())
-        return "\n".join([
-            f"plan (estimated from {self.sample} sampled items; nothing written):",
-            f"  splits: {sizes} ({items} items)",
-            f"  tokens: {self.tokens_per_item:.1f} per item, hidden_dim {self.hidden_dim}, stored as {self.dtype}",
-            f"  cache size on disk: ~{_size(self.cache_bytes)}",
-            f"  extraction time: ~{_duration(self.extract_seconds)} ({items / self.extract_seconds:.1f} items/s)",
-            f"  one end-to-end epoch (backbone in every step): ~{_duration(self.epoch_seconds_end_to_end)}",
-            f"  break-even: {self.break_even_epochs} epoch{'s' if self.break_even_epochs > 1 else ''} "
-            "(from then on the cache is ahead; a cached epoch costs little next to a backbone pass)",
-        ])
-
-
-def plan_extraction(spec: str | Any, checkpoint: str | Path, config: ExtractConfig = ExtractConfig(), *,
-                    spec_options: dict[str, str] | None = None, sample: int = 64,
-                    train_batch_size: int = 16, seed: int = 0) -> ExtractPlan:
-    """Estimate the cache's size on disk, the extraction's time and the break-even epoch count.
-
-    Encodes ``sample`` items of the first split, drawn at random, twice: in
-    length-sorted batches of ``config.batch_size`` as extraction does, and in
-    shuffled batches of ``train_batch_size`` as end-to-end training does (item
-    loading and collation included both times). Sizes and times are scaled to
-    every split; an end-to-end epoch reads every split but ``test``.
-
-    Example
-    -------
-    >>> print(plan_extraction("demo", "demo_out/backbone.ckpt").summary())  # doctest: +SKIP
-    """
-    if isinstance(spec, str):
-        spec = resolve_spec(spec, spec_options)
-    device = resolve_device(config.device)
-    splits = _splits_to_extract(spec, config.splits)
-    backbone, _ = load_backbone(spec, checkpoint, key_map=config.key_map, trust=config.trust_checkpoint)
-    runner = _Runner(spec, backbone.to(device), device, config)
-    datasets = {split: spec.dataset(split) for split in splits}
-    first = datasets[splits[0]]
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(first), size=min(sample, len(first)), replace=False).tolist()
-    runner.encode(spec.collate([first[i][0] for i in chosen[:2]]))  # warm-up: first calls pay one-off setup
-    lengths = first.lengths() if callable(getattr(first, "lengths", None)) else None
-
-    def timed(batches: list[list[int]]) -> tuple[float, list[torch.Tensor], int]:
-        started, tokens, width = time.perf_counter(), [], 0
-        for batch in batches:
-            hidden, mask = runner.encode(spec.collate([first[i][0] for i in batch]))
-            tokens.append(mask.sum(1).cpu())
-            width = int(hidden.shape[-1])
-        return time.perf_counter() - started, tokens, width
-
-    extract_seconds, tokens, hidden_dim = timed(bucketed_batches(sorted(chosen), lengths, config.batch_size))
-    shuffled = rng.permutation(chosen).tolist()
-    live_seconds, _, _ = timed([shuffled[i:i + train_batch_size] for i in range(0, len(shuffled), train_batch_size)])
-    tokens_per_item = float(torch.cat(tokens).float().mean())
-    sizes = {split: len(dataset) for split, dataset in datasets.items()}
-    items = sum(sizes.values())
-    # tokens in the cache dtype; per item: the stored pools (float32), offset, label and id (~16 bytes)
-    per_item = (tokens_per_item * hidden_dim * np.dtype(config.dtype).itemsize
-                + len(PARAMETER_FREE_POOLS) * hidden_dim * 4 + 8 + 8 + 16)
-    trained = sum(n for split, n in sizes.items() if split != "test") or items
-    return ExtractPlan(sizes, len(chosen), tokens_per_item, hidden_dim, config.dtype, int(items * per_item),
-                       items * extract_seconds / len(chosen), trained * live_seconds / len(chosen))
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024:
-            return f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------------------- extract --plan
