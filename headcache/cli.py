@@ -246,15 +246,18 @@ def demo_command(
     device: str = typer.Option("auto"),
     epochs: int = typer.Option(50),
     seed: int = typer.Option(0),
+    bench: bool = typer.Option(True, help="End with a short bench (end to end against the cache)."),
 ) -> None:
-    """Make demo data and a checkpoint in the seed's layout, extract, train; print a summary."""
+    """Make demo data and a checkpoint in the seed's layout, extract, train (and bench); print a summary."""
     from headcache.demo import run_demo
 
     with _user_errors(ctx), _extract_hooks() as hooks:
-        summary = run_demo(out, patients=patients, device=device, epochs=epochs, seed=seed,
+        summary = run_demo(out, patients=patients, device=device, epochs=epochs, seed=seed, with_bench=bench,
                            on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]", highlight=False),
                            on_epoch=_epoch_printer("  "), **hooks)
         console.print(_metrics_table("demo: seqsetvae backbone, meanq pool, mlp head", summary.metrics))
+        if summary.bench is not None:
+            console.print(_bench_table(summary.bench))
         table = Table("stage", "seconds")
         for stage, seconds in summary.seconds.items():
             table.add_row(stage, f"{seconds:.1f}")
