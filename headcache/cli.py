@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -79,6 +78,8 @@ def _extract_hooks() -> Iterator[dict]:
             if split not in bars:
                 bars[split] = progress.add_task(f"extract {split}", total=total, completed=done, resumed_at=done)
             progress.update(bars[split], completed=done, refresh=True)
+            if done == total:
+                progress.stop_task(bars[split])  # freezes its clock, so the rate stays this split's own
 
         def on_load(report) -> None:
             console.print(report.summary(), highlight=False)
