@@ -42,3 +42,19 @@ def test_the_example_spec_extracts_and_trains(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["auroc"] > 0.6  # the label shifts every feature: a head must find it
+
+
+def test_the_python_api_is_the_commands(tmp_path, tiny_demo, tiny_options):
+    """headcache.extract / headcache.train, as the README shows them, return result objects."""
+    import headcache
+
+    extracted = headcache.extract("seqsetvae", tiny_demo.checkpoint, tmp_path / "c.h5",
+                                  headcache.ExtractConfig(device="cpu"), spec_options=tiny_options)
+    spec = headcache.resolve_spec("seqsetvae", tiny_options)
+    assert extracted.load_report.loaded == len(spec.backbone().state_dict())
+    assert extracted.split_sizes == {split: len(spec.dataset(split)) for split in ("train", "valid", "test")}
+    assert sum(extracted.split_sizes.values()) == 80
+    run = headcache.train(tmp_path / "c.h5", tmp_path / "run", headcache.TrainConfig(epochs=2, device="cpu"))
+    assert run.run_dir == tmp_path / "run" and set(run.metrics) == {"val", "test"}
+    with headcache.CacheReader(tmp_path / "c.h5") as reader:
+        assert reader.backbone_fingerprint == extracted.load_report.fingerprint
