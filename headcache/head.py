@@ -116,14 +116,20 @@ class HeadBank(nn.Module):
 
     @staticmethod
     def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """x (B, D) shared or (K, B, D), weight (K, D, H) -> (K, B, H)."""
-        out = torch.einsum("bd,kdh->kbh", x, weight) if x.dim() == 2 else torch.bmm(x, weight)
+        """x (B, D) shared or (K, B, D), weight (K, D, H) -> (K, B, H).
+
+        A shared x is expanded (a view, no copy), so both cases are one bmm whose
+        per-head products do not depend on K (einsum folds the heads into one
+        wider matmul instead, at twice the time for K = 32 on a CPU).
+        """
+        out = torch.bmm(x.expand(weight.shape[0], -1, -1) if x.dim() == 2 else x, weight)
         return out if bias is None else out + bias.unsqueeze(1)
 
     def _batch_norm(self, z: Tensor) -> Tensor:
         if self.training:
             mean = z.mean(dim=1)
-            var = z.var(dim=1, unbiased=False)
+            # not z.var(dim=1): its kernel is slow across the middle axis (1.2 ms vs 0.03 ms at K = 32)
+            var = (z - mean.unsqueeze(1)).pow(2).mean(dim=1)
             with torch.no_grad():
                 n = z.shape[1]
                 unbiased = var * (n / max(n - 1, 1))
@@ -137,12 +143,11 @@ class HeadBank(nn.Module):
     def _dropout_mask(self, z: Tensor, generators: list[torch.Generator] | None) -> Tensor:
         if generators is None or len(generators) != self.num_heads:
             raise ValueError("training the mlp head needs one dropout generator per head")
-        keep = 1.0 - self.dropout_p
-        masks = [
-            torch.empty(z.shape[1:], device=z.device).bernoulli_(float(keep[k]), generator=g)
-            for k, g in enumerate(generators)
-        ]
-        return torch.stack(masks) / keep.view(-1, 1, 1)
+        keep = (1.0 - self.dropout_p).view(-1, 1, 1)
+        # one uniform draw per unit and head, kept where below the head's keep rate: half the generator
+        # work of bernoulli_ on a CPU, and no per-head host sync
+        uniform = torch.stack([torch.rand(z.shape[1:], device=z.device, generator=g) for g in generators])
+        return (uniform < keep) / keep
 
     def export(self, k: int) -> nn.Sequential:
         """Head k as plain modules, in eval mode, for deployment."""

@@ -87,6 +87,11 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int
     stay defined. All resamples are scored at once (`rows_auroc`, `rows_auprc`).
     Returns {"auroc_ci": [lo, hi], "auprc_ci": [lo, hi]}; None values for a
     split with one class.
+
+    A resample is scored as the split weighted by how often it drew each item
+    (`counted_rows`), which is the same number as scoring the drawn rows
+    themselves but needs no sort per resample: several times faster, and a bank of
+    K heads scores K splits at the end of training.
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
@@ -95,12 +100,40 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int
     rng = np.random.default_rng(seed)
     idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=(resamples, (labels == c).sum()))
                           for c in classes], axis=1)
-    aurocs, auprcs = _macro_rows(probs[idx], labels[idx])
+    n = len(labels)
+    counts = np.bincount((idx + n * np.arange(resamples)[:, None]).ravel(), minlength=resamples * n)
+    counts = counts.reshape(resamples, n)
+    scored = [counted_rows(probs[:, c], labels == c, counts) for c in ([1] if probs.shape[1] == 2 else classes)]
+    aurocs, auprcs = np.mean([a for a, _ in scored], axis=0), np.mean([p for _, p in scored], axis=0)
     tail = (1.0 - CI_LEVEL) / 2 * 100
     return {
         "auroc_ci": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])],
         "auprc_ci": [float(v) for v in np.percentile(auprcs, [tail, 100 - tail])],
     }
+
+
+def counted_rows(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision of R weighted copies of one split, as scikit-learn scores them.
+
+    scores (N,), positive (N,) bool, counts (R, N): copy r holds item i counts[r, i] times.
+    Items are sorted once; a tie group of scores is one threshold. AUROC counts
+    the (positive, negative) pairs ordered correctly, ties as one half; AP sums,
+    over thresholds, the recall gained times the precision there. Each copy
+    needs both classes.
+    """
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first item of each tie group
+    weights = counts[:, order].astype(np.float64)
+    pos, neg = weights * positive[order], weights * ~positive[order]  # (R, groups), highest scores first
+    if len(starts) < len(scores):
+        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    neg_seen = np.cumsum(neg, axis=1)
+    auroc = (pos * (n_neg[:, None] - neg_seen + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    pos_seen = np.cumsum(pos, axis=1)
+    precision = pos_seen / np.maximum(pos_seen + neg_seen, 1)  # 0 / 0 only where no item was drawn yet
+    return auroc, (pos * precision).sum(1) / n_pos
 
 
 def fast_auroc(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

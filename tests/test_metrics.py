@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from headcache.metrics import SingleClassWarning, bootstrap_intervals, classification_metrics, rows_auprc, rows_auroc
+from headcache.metrics import (SingleClassWarning, bootstrap_intervals, classification_metrics, counted_rows, rows_auprc,
+                              rows_auroc)
 
 
 @settings(max_examples=100, deadline=None)
@@ -58,3 +59,21 @@ def test_multiclass_is_macro_one_vs_rest():
     labels = rng.integers(0, 3, 60)
     m = classification_metrics(probs, labels)
     assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0, 0.33])), min_size=2, max_size=30),
+       st.integers(0, 2**16))
+def test_weighted_copies_score_like_the_drawn_rows_with_ties(pairs, seed):
+    """The bootstrap scores each resample by counts (counted_rows); that equals sklearn on the drawn rows."""
+    labels = np.array([p[0] for p in pairs])
+    scores = np.array([p[1] for p in pairs])
+    if labels.min() == labels.max():
+        return
+    rng = np.random.default_rng(seed)
+    draws = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=(5, (labels == c).sum())) for c in (0, 1)], 1)
+    counts = np.stack([np.bincount(row, minlength=len(labels)) for row in draws])
+    aurocs, auprcs = counted_rows(scores, labels == 1, counts)
+    for row, auroc, auprc in zip(draws, aurocs, auprcs):
+        assert auroc == pytest.approx(roc_auc_score(labels[row], scores[row]), abs=1e-12)
+        assert auprc == pytest.approx(average_precision_score(labels[row], scores[row]), abs=1e-12)
