@@ -413,5 +413,170 @@ def predict_command(
         console.print(f"wrote {path}", highlight=False)
 
 
+# ------------------------------------------------------------------------------------------ sweep, cv
+
+# The train options of sweep and cv default to None: "not given", so TrainConfig's defaults apply (one place).
+_POOL = typer.Option(None, help="meanq, meanq_scaled, learned, mean, max or last (default: as for train).")
+_HEAD = typer.Option(None, help="mlp or linear (default: as for train).")
+_LOSS = typer.Option(None, help="focal, ce or weighted-ce (default: focal for 2 classes).")
+_HIDDEN = typer.Option(None, help="mlp width (default: hidden_dim // 2).")
+_VAL_SPLIT = typer.Option(None, help="Default: the cache's val or valid split.")
+_MEMORY_BUDGET = typer.Option(None, help="Memory the token cache may take on the device, e.g. 4G (default: as for train).")
+_GRID = typer.Option([], "--grid", help="KEY=V1,V2,... over any train option (repeatable).")
+_SEEDS = typer.Option("0", help="Comma-separated seeds; every grid point is trained once per seed.")
+_AS_TRAIN = "Default: as for train."
+
+
+def _base_config(**options):
+    """A TrainConfig from the train options given on the command line (the others keep TrainConfig's defaults)."""
+    from headcache.train import config_from_options
+
+    return config_from_options({key: value for key, value in options.items() if value is not None})
+
+
+def _grid(items: list[str]) -> dict[str, list[str]]:
+    """--grid KEY=V1,V2 (repeatable) -> {KEY: [V1, V2]}; the library checks the keys and values."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. --grid lr=1e-4,1e-3")
+        if key.strip() in grid:
+            raise ConfigError(f"--grid {key.strip()} is given twice; put all its values in one --grid")
+        grid[key.strip()] = [value.strip() for value in values.split(",")]
+    return grid
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+
+
+def _interval(row: dict, prefix: str) -> str:
+    """A metric and its 95% interval from a leaderboard row's <prefix>, <prefix>_ci_low/high columns."""
+    low, high = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
+    if prefix not in row:
+        return "-"
+    return _with_ci(row[prefix], None if low is None else [low, high])
+
+
+def _mean_std(row: dict, prefix: str) -> str:
+    mean, std = row.get(f"{prefix}_mean"), row.get(f"{prefix}_std")
+    return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _bank_printer():
+    """Per epoch of each bank: how many heads still train and the best val AUROC among them."""
+    def on_epoch(epoch: int, rows: dict[str, dict]) -> None:
+        scored = {name: row["val_auroc"] for name, row in rows.items() if row["val_auroc"] == row["val_auroc"]}
+        best = max(scored, key=scored.get) if scored else None
+        console.print(f"epoch {epoch:3d}  {len(rows)} heads training" +
+                      (f"  best val AUROC {scored[best]:.4f} ({best})" if best else ""), highlight=False)
+    return on_epoch
+
+
+@app.command("sweep")
+def sweep_command(
+    ctx: typer.Context,
+    cache: Path = typer.Option(..., help="The cache file written by extract."),
+    out: Path = typer.Option(..., help="The sweep directory to write."),
+    grid: list[str] = _GRID,
+    seeds: str = _SEEDS,
+    pool: Optional[str] = _POOL,
+    head: Optional[str] = _HEAD,
+    loss: Optional[str] = _LOSS,
+    lr: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    weight_decay: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    epochs: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    batch_size: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    patience: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    device: Optional[str] = typer.Option(None, help=_AS_TRAIN),
+    dropout: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    hidden: Optional[int] = _HIDDEN,
+    val_split: Optional[str] = _VAL_SPLIT,
+    test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
+    memory_budget: Optional[str] = _MEMORY_BUDGET,
+    overwrite: bool = typer.Option(False, help="Write into a sweep directory that holds files."),
+    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+) -> None:
+    """Train a grid of heads (x seeds), those that can as one batched computation; print the leaderboard."""
+    from rich.table import Column
+
+    from headcache.sweep import sweep
+
+    with _user_errors(ctx):
+        base = _base_config(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                            batch_size=batch_size, patience=patience, device=device, dropout=dropout, hidden=hidden,
+                            val_split=val_split, test_split=test_split, memory_budget=memory_budget)
+        result = sweep(cache, out, _grid(grid), seeds=_seeds(seeds), base=base, overwrite=overwrite,
+                       on_epoch=None if quiet else _bank_printer())
+        table = Table("#", Column("run", overflow="fold"), "best epoch", "val AUROC (95% CI)", "val AUPRC (95% CI)",
+                      "test AUROC (95% CI)", "test AUPRC (95% CI)",
+                      title=f"{len(result.leaderboard)} heads, best val AUROC first")
+        for rank, row in enumerate(result.leaderboard, 1):
+            table.add_row(str(rank), row["run"], str(row["best_epoch"]), _interval(row, "val_auroc"),
+                          _interval(row, "val_auprc"), _interval(row, "test_auroc"), _interval(row, "test_auprc"))
+        console.print(table)
+        console.print(f"{len(result.leaderboard)} heads trained in {len(result.banks)} batched "
+                      f"bank{'s' if len(result.banks) != 1 else ''} in {result.seconds:.1f}s; wrote {result.out} "
+                      "(leaderboard.csv, leaderboard.json, sweep.png, best_config.json, runs/)", highlight=False)
+
+
+@app.command("cv")
+def cv_command(
+    ctx: typer.Context,
+    cache: Path = typer.Option(..., help="The cache file written by extract."),
+    out: Path = typer.Option(..., help="The cross-validation directory to write."),
+    folds: int = typer.Option(5, help="K of the stratified K-fold."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits joined and cut into folds "
+                                         "(default: the train split and the cache's val split)."),
+    grid: list[str] = _GRID,
+    seeds: str = typer.Option("0", help="Comma-separated seeds; each cuts its own folds (repeated K-fold)."),
+    refit: bool = typer.Option(False, help="Also train on all folds for the mean best epoch count; score on test."),
+    pool: Optional[str] = _POOL,
+    head: Optional[str] = _HEAD,
+    loss: Optional[str] = _LOSS,
+    lr: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    weight_decay: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    epochs: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    batch_size: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    patience: Optional[int] = typer.Option(None, help=_AS_TRAIN),
+    device: Optional[str] = typer.Option(None, help=_AS_TRAIN),
+    dropout: Optional[float] = typer.Option(None, help=_AS_TRAIN),
+    hidden: Optional[int] = _HIDDEN,
+    test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
+    memory_budget: Optional[str] = _MEMORY_BUDGET,
+    overwrite: bool = typer.Option(False, help="Write into a directory that holds files."),
+    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+) -> None:
+    """Stratified K-fold cross-validation, all folds as one batched computation; print mean ± std and CIs."""
+    from rich.table import Column
+
+    from headcache.sweep import cross_validate
+
+    with _user_errors(ctx):
+        base = _base_config(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                            batch_size=batch_size, patience=patience, device=device, dropout=dropout, hidden=hidden,
+                            test_split=test_split, memory_budget=memory_budget)
+        result = cross_validate(cache, out, folds=folds, splits=splits.split(",") if splits else None, base=base,
+                                grid=_grid(grid), seeds=_seeds(seeds), refit=refit, overwrite=overwrite,
+                                on_epoch=None if quiet else _bank_printer())
+        columns = [Column("config", overflow="fold"), "seed", "val AUROC (mean ± std)", "val AUPRC (mean ± std)",
+                   "out-of-fold AUROC (95% CI)", "out-of-fold AUPRC (95% CI)", "test AUROC (mean ± std)"]
+        table = Table(*columns + (["refit test AUROC (95% CI)", "refit test AUPRC (95% CI)"] if refit else []),
+                      title=f"{folds}-fold cv on {result.joined}, best mean val AUROC first")
+        for row in result.summary:
+            cells = [row["config"], str(row["seed"]), _mean_std(row, "val_auroc"), _mean_std(row, "val_auprc"),
+                     _interval(row, "oof_auroc"), _interval(row, "oof_auprc"), _mean_std(row, "test_auroc")]
+            table.add_row(*cells + ([_interval(row, "refit_test_auroc"), _interval(row, "refit_test_auprc")]
+                                    if refit else []))
+        console.print(table)
+        console.print(f"{len(result.folds)} fold heads trained in {len(result.banks)} batched "
+                      f"bank{'s' if len(result.banks) != 1 else ''} in {result.seconds:.1f}s; wrote {result.out} "
+                      "(cv_summary.csv, cv_folds.csv, oof.csv, cv.png, best_config.json, runs/)", highlight=False)
+
+
 def main() -> None:
     app()

@@ -61,3 +61,33 @@ def toy_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("toy") / "toy.pt"
     torch.save(toy_spec.ToyBackbone().state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def signal_cache(tmp_path_factory) -> Path:
+    """A float32 cache written with the store directly: d=16, ragged sequences (3..12 tokens), about 30%
+    positives whose tokens lean one way, so heads learn for several epochs (train 160, valid 60, test 60).
+    Read-only."""
+    import numpy as np
+
+    from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
+    from headcache.store import CacheWriter
+
+    rng = np.random.default_rng(0)
+    d, direction = 16, rng.standard_normal(16) / 2
+    path = tmp_path_factory.mktemp("signal") / "cache.h5"
+    attrs = {"backbone_fingerprint": "signal", "spec": "signal", "checkpoint_sha256": "", "hidden_dim": d,
+             "dtype": "float32", "load_report": {}}
+    with CacheWriter(path, attrs) as writer:
+        sizes = {"train": 160, "valid": 60, "test": 60}
+        splits = {name: writer.split(name, n, list(PARAMETER_FREE_POOLS)) for name, n in sizes.items()}
+        for name, split in splits.items():
+            labels = (rng.random(sizes[name]) < 0.3).astype(np.int64)
+            tokens = [(rng.standard_normal((int(rng.integers(3, 13)), d)) + y * direction).astype(np.float32)
+                      for y in labels]
+            pooled = {pool: np.stack([pool_parameter_free(pool, torch.from_numpy(t)[None],
+                                                          torch.ones(1, len(t), dtype=torch.bool))[0].numpy()
+                                      for t in tokens]) for pool in PARAMETER_FREE_POOLS}
+            split.write(tokens, labels, [f"{name}-{i}" for i in range(len(labels))], pooled)
+            split.finish()
+    return path
