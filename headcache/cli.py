@@ -421,7 +421,8 @@ _HEAD = typer.Option(None, help="mlp or linear (default: as for train).")
 _LOSS = typer.Option(None, help="focal, ce or weighted-ce (default: focal for 2 classes).")
 _HIDDEN = typer.Option(None, help="mlp width (default: hidden_dim // 2).")
 _VAL_SPLIT = typer.Option(None, help="Default: the cache's val or valid split.")
-_MEMORY_BUDGET = typer.Option(None, help="Memory the token cache may take on the device, e.g. 4G (default: as for train).")
+_MEMORY_BUDGET = typer.Option(None, help="Memory the token cache may take on the device, e.g. 4G "
+                              "(default: as for train).")
 _GRID = typer.Option([], "--grid", help="KEY=V1,V2,... over any train option (repeatable).")
 _SEEDS = typer.Option("0", help="Comma-separated seeds; every grid point is trained once per seed.")
 _AS_TRAIN = "Default: as for train."
@@ -456,9 +457,9 @@ def _seeds(text: str) -> list[int]:
 
 def _interval(row: dict, prefix: str) -> str:
     """A metric and its 95% interval from a leaderboard row's <prefix>, <prefix>_ci_low/high columns."""
-    low, high = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
     if prefix not in row:
         return "-"
+    low, high = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
     return _with_ci(row[prefix], None if low is None else [low, high])
 
 
@@ -469,8 +470,10 @@ def _mean_std(row: dict, prefix: str) -> str:
 
 def _bank_printer():
     """Per epoch of each bank: how many heads still train and the best val AUROC among them."""
+    import math
+
     def on_epoch(epoch: int, rows: dict[str, dict]) -> None:
-        scored = {name: row["val_auroc"] for name, row in rows.items() if row["val_auroc"] == row["val_auroc"]}
+        scored = {name: row["val_auroc"] for name, row in rows.items() if not math.isnan(row["val_auroc"])}
         best = max(scored, key=scored.get) if scored else None
         console.print(f"epoch {epoch:3d}  {len(rows)} heads training" +
                       (f"  best val AUROC {scored[best]:.4f} ({best})" if best else ""), highlight=False)

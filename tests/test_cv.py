@@ -130,7 +130,8 @@ class TestResults:
             assert config["train"]["epochs"] == row["refit_epochs"] and config["splits"][0] == "train+valid"
             metrics = json.loads((run_dir / "metrics.json").read_text())
             assert set(metrics) >= {"test"} and "val" not in metrics
-            assert metrics["test"]["auroc"] == row["refit_test_auroc"] and metrics["best_epoch"] == row["refit_epochs"] - 1
+            assert metrics["test"]["auroc"] == row["refit_test_auroc"]
+            assert metrics["best_epoch"] == row["refit_epochs"] - 1
             best = torch.load(run_dir / "head_best.pt", weights_only=True)["state"]
             last = torch.load(run_dir / "head_last.pt", weights_only=True)["state"]
             assert all(torch.equal(best[k], last[k]) for k in best)  # no selection: the last weights
