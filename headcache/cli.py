@@ -267,52 +267,6 @@ def demo_command(
                       f"run {summary.run_dir}", highlight=False)
 
 
-# ------------------------------------------------------------------------------------------ export, predict
-
-
-@app.command("export")
-def export_command(
-    ctx: typer.Context,
-    spec: str = typer.Option(..., help="The spec the run's cache was extracted with."),
-    checkpoint: Path = typer.Option(..., help="The backbone checkpoint that wrote the run's cache."),
-    run: Path = typer.Option(..., help="A run directory (train or sweep)."),
-    out: Path = typer.Option(..., help="The model file to write."),
-    spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
-    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
-    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing model file."),
-) -> None:
-    """Write backbone + pool + the run's best head as one deployable model."""
-    from headcache.checkpoint import parse_key_map
-    from headcache.export import export
-
-    with _user_errors(ctx):
-        result = export(spec, checkpoint, run, out, spec_options=_pairs(spec_opt, "--spec-opt"),
-                        key_map=parse_key_map(key_map), trust=trust_checkpoint, overwrite=overwrite)
-        console.print(f"wrote {result.path}: backbone {result.backbone_fingerprint[:12]}, head of epoch "
-                      f"{result.head_epoch}", highlight=False)
-
-
-@app.command("predict")
-def predict_command(
-    ctx: typer.Context,
-    model: Path = typer.Option(..., help="A model file written by export."),
-    out: Path = typer.Option(..., help="The csv to write: id, label, p0..pC."),
-    split: str = typer.Option("test", help="The spec's split to predict."),
-    spec: Optional[str] = typer.Option(None, help="Default: the spec stored in the model."),
-    spec_opt: list[str] = typer.Option([], help="Override a stored spec option, key=value (e.g. data=DIR)."),
-    device: str = typer.Option("auto"),
-    batch_size: int = typer.Option(64),
-) -> None:
-    """Predict a split of the spec's data with an exported model."""
-    from headcache.export import predict
-
-    with _user_errors(ctx):
-        path = predict(model, split, out, spec=spec, spec_options=_pairs(spec_opt, "--spec-opt"), device=device,
-                       batch_size=batch_size)
-        console.print(f"wrote {path}", highlight=False)
-
-
 # ------------------------------------------------------------------------------------------ bench
 
 
