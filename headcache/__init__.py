@@ -14,16 +14,18 @@ the modules with ``from headcache.train import fit``, not ``import headcache.tra
 
 __version__ = "0.1.0"
 
+from headcache.bench import bench  # noqa: E402
 from headcache.checkpoint import LoadReport, fingerprint, load_checkpoint  # noqa: E402
 from headcache.errors import CheckpointError, HeadcacheError  # noqa: E402
 from headcache.export import export, predict  # noqa: E402
 from headcache.extract import ExtractConfig, ExtractResult, extract  # noqa: E402
 from headcache.spec import resolve_spec  # noqa: E402
 from headcache.store import CacheReader  # noqa: E402
+from headcache.sweep import cross_validate, sweep  # noqa: E402
 from headcache.train import TrainConfig, TrainResult, train  # noqa: E402
 
 __all__ = [
     "CacheReader", "CheckpointError", "ExtractConfig", "ExtractResult", "HeadcacheError", "LoadReport",
-    "TrainConfig", "TrainResult", "export", "extract", "fingerprint", "load_checkpoint", "predict",
-    "resolve_spec", "train",
+    "TrainConfig", "TrainResult", "bench", "cross_validate", "export", "extract", "fingerprint", "load_checkpoint",
+    "predict", "resolve_spec", "sweep", "train",
 ]
