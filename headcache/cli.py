@@ -101,8 +101,9 @@ def extract_command(
     num_workers: int = typer.Option(0, help="DataLoader worker processes."),
     amp: Optional[str] = typer.Option(None, help="Mixed precision on CUDA: bf16 or fp16."),
     key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
-    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing cache file."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow full unpickling (only for files you trust)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache file."),
     plan: bool = typer.Option(False, "--plan", help="Estimate cache size, extraction time and break-even "
                               "from a small sample; print them and exit without writing."),
 ) -> None:
@@ -221,8 +222,8 @@ def train_command(
     memory_budget: Optional[str] = typer.Option(None, help="Memory the token cache may take on the device, "
                                                 "e.g. 4G (default: half of what is free); beyond it, "
                                                 "tokens are streamed from the file."),
-    overwrite: bool = typer.Option(False, help="Replace the files of an existing run directory."),
-    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
 ) -> None:
     """Train one pooling + head from the cache and write its run directory."""
     from headcache.train import train
@@ -304,7 +305,8 @@ def bench_command(
     dtype: str = typer.Option("float16", help="Storage dtype of the cache: float16 or float32."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N items of each split (quicker)."),
     key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
-    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow full unpickling (only for files you trust)."),
 ) -> None:
     """Time end-to-end training against extraction + training from the cache, same head and batches."""
     from headcache.bench import bench
@@ -333,8 +335,9 @@ def export_command(
     out: Path = typer.Option(..., help="The model file to write."),
     spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
     key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
-    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling (only for files you trust)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing model file."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow full unpickling (only for files you trust)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model file."),
 ) -> None:
     """Write backbone + pool + the run's best head as one deployable model."""
     from headcache.checkpoint import parse_key_map
@@ -455,8 +458,8 @@ def sweep_command(
     val_split: Optional[str] = _VAL_SPLIT,
     test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
     memory_budget: Optional[str] = _MEMORY_BUDGET,
-    overwrite: bool = typer.Option(False, help="Write into a sweep directory that holds files."),
-    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a sweep directory that holds files."),
+    quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
 ) -> None:
     """Train a grid of heads (x seeds), those that can as one batched computation; print the leaderboard."""
     from rich.table import Column
@@ -491,7 +494,8 @@ def cv_command(
                                          "(default: the train split and the cache's val split)."),
     grid: list[str] = _GRID,
     seeds: str = typer.Option("0", help="Comma-separated seeds; each cuts its own folds (repeated K-fold)."),
-    refit: bool = typer.Option(False, help="Also train on all folds for the mean best epoch count; score on test."),
+    refit: bool = typer.Option(False, "--refit",
+                               help="Also train on all folds for the mean best epoch count; score on test."),
     pool: Optional[str] = _POOL,
     head: Optional[str] = _HEAD,
     loss: Optional[str] = _LOSS,
@@ -505,8 +509,8 @@ def cv_command(
     hidden: Optional[int] = _HIDDEN,
     test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
     memory_budget: Optional[str] = _MEMORY_BUDGET,
-    overwrite: bool = typer.Option(False, help="Write into a directory that holds files."),
-    quiet: bool = typer.Option(False, help="Do not print every epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a directory that holds files."),
+    quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
 ) -> None:
     """Stratified K-fold cross-validation, all folds as one batched computation; print mean ± std and CIs."""
     from rich.table import Column
