@@ -214,7 +214,8 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     with CacheWriter(out, attrs, overwrite=config.overwrite) as writer:
         resumed = writer.resuming
         # Every split exists before any is written, so an interrupted file always shows unfinished work.
-        split_writers = {split: writer.split(split, len(d), list(PARAMETER_FREE_POOLS)) for split, d in datasets.items()}
+        split_writers = {split: writer.split(split, len(dataset), list(PARAMETER_FREE_POOLS))
+                         for split, dataset in datasets.items()}
         for split, split_writer in split_writers.items():
             sizes[split] = len(datasets[split])
             if not split_writer.complete:

@@ -476,7 +476,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def tasks_for_splits(configs: Sequence[TrainConfig], source: Any, splits: tuple[str, str, str | None]) -> list[HeadTask]:
+def tasks_for_splits(configs: Sequence[TrainConfig], source: Any,
+                     splits: tuple[str, str, str | None]) -> list[HeadTask]:
     train, val, test = splits
     every = lambda split: torch.arange(len(source.labels(split)))  # noqa: E731
     return [HeadTask(c, (train, every(train)), (val, every(val)), (test, every(test)) if test else None)
