@@ -96,9 +96,11 @@ def synthetic_cache(path: Path, splits: dict[str, int], *, dim: int = 256, token
                 for row, label in zip(rows, labels):
                     row[:, 0] += 0.5 * label
                 rows = [r.astype(dtype).astype(np.float32) for r in rows]
-                pooled = {p: np.stack([pool_parameter_free(p, torch.from_numpy(r)[None],
-                                                           torch.ones(1, len(r), dtype=torch.bool))[0].numpy()
-                                       for r in rows]) for p in PARAMETER_FREE_POOLS}
+                padded = torch.zeros(count, int(lengths.max()), dim)
+                for i, row in enumerate(rows):
+                    padded[i, :len(row)] = torch.from_numpy(row)
+                mask = torch.arange(padded.shape[1]) < torch.from_numpy(lengths)[:, None]
+                pooled = {p: pool_parameter_free(p, padded, mask).numpy() for p in PARAMETER_FREE_POOLS}
                 writers[name].write(rows, labels, [f"{name}-{start + i}" for i in range(count)], pooled)
             writers[name].finish()
     return path

@@ -628,14 +628,23 @@ class SplitReader:
             raise CacheError(f"split {self.name!r} has no pooled {name!r}; available: {available}")
         return self._group["pooled"][name][: len(self.labels)].astype(np.float32)
 
-    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` of the flat token matrix, (stop - start, D), in the cache dtype."""
+    def tokens(self, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the flat token matrix, (stop - start, D), in the cache dtype.
+
+        With ``out`` (C-contiguous, the cache dtype, at least stop - start rows of D), the rows are
+        read into its first rows and that view is returned: a reader that reuses its buffers
+        allocates nothing per read.
+        """
         stop = self.num_tokens if stop is None else stop
         if not 0 <= start <= stop <= self.num_tokens:
             raise CacheError(
                 f"split {self.name!r}: token rows [{start}, {stop}) are outside [0, {self.num_tokens})"
             )
-        return self._group["tokens"][start:stop]
+        if out is None:
+            return self._group["tokens"][start:stop]
+        if stop > start:  # HDF5 refuses an empty selection
+            self._group["tokens"].read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
+        return out[: stop - start]
 
     def sequence(self, i: int) -> np.ndarray:
         """Hidden states of sequence ``i``, (T_i, D), in the cache dtype."""

@@ -6,13 +6,16 @@ the split held in memory, so training reaches the same weights.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures, TokenBatch, block_order, gather_tokens, parse_bytes
-from headcache.store import CacheReader
+from headcache.store import CacheReader, CacheWriter
 from headcache.train import HeadTask, TrainConfig, fit, tasks_for_splits
 
 CPU = torch.device("cpu")
@@ -196,3 +199,25 @@ class TestStreaming:
         assert sorted(plan) == sorted(set(plan))  # no block read twice in one epoch of one order
         used = set(torch.bucketize(order[:len(order) // 16 * 16], stream.bounds[1:], right=True).tolist())
         assert set(plan) == used
+
+    def test_a_process_that_stops_while_the_reader_runs_exits(self, tmp_path):
+        """Python's exit stops the prefetch thread first: one frozen inside an HDF5 call would keep
+        h5py's lock and the exit would wait for it forever (this cache's 20,000 ids keep the reader
+        in HDF5 long enough to show it)."""
+        path, n = tmp_path / "many.h5", 20_000
+        attrs = {"backbone_fingerprint": "x", "spec": "x", "checkpoint_sha256": "x", "hidden_dim": 4,
+                 "dtype": "float32", "load_report": {}}
+        with CacheWriter(path, attrs) as writer:
+            split = writer.split("train", n, [])
+            split.write([np.ones((2, 4), np.float32)] * n, np.zeros(n, np.int64), [f"id-{i}" for i in range(n)], {})
+            split.finish()
+        script = (
+            "import sys, torch\n"
+            "from headcache.features import CachedFeatures\n"
+            f"source = CachedFeatures({str(path)!r}, pool='learned', device=torch.device('cpu'), memory_budget=1,\n"
+            "                        block_bytes=64)\n"
+            f"order = source.epoch_order('train', torch.arange({n}), torch.Generator().manual_seed(0))\n"
+            "source.batch('train', order[:16])\n"
+            "sys.exit(3)\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3, done.stderr
