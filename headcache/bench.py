@@ -195,7 +195,8 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
         report = extracted.load_report
 
         on_stage(f"training {epochs} epochs from the cache")
-        cached = CachedFeatures(cache, pool=config.pool, device=device, expected_fingerprint=report.fingerprint)
+        cached = CachedFeatures(cache, pool=config.pool, device=device, expected_fingerprint=report.fingerprint,
+                                memory_budget=config.memory_budget)
         num_classes = num_classes_of(cached, splits)
         [from_cache] = fit(cached, tasks_for_splits([config], cached, splits), num_classes=num_classes,
                            hidden_dim=cached.hidden_dim)

@@ -67,6 +67,7 @@ from headcache.store import CacheReader
 EVAL_ROWS = 256  # items per evaluation chunk of pooled features
 TOKEN_EVAL_ROWS = 64  # of token features: (64, T, D) float32 chunks stay a few MB, not tens
 MEMORY_SHARE = 0.5  # default budget: this share of the free RAM (or free device memory)
+FALLBACK_RAM = 4 << 30  # assumed available RAM where the system does not say
 PREFETCH_BLOCKS = 2  # blocks read ahead of the step that needs them
 STREAM_FOOTPRINT = 2 + PREFETCH_BLOCKS + 1  # blocks a stream holds: a step's 2, the queue, one being read
 STREAM_SHARE = 3  # a stream's footprint is 1 / STREAM_SHARE of the budget left when it opens
@@ -127,13 +128,22 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * MEMORY_SHARE)
+    return int(_available_ram() * MEMORY_SHARE)
+
+
+def _available_ram() -> int:
     try:
         with open("/proc/meminfo") as handle:  # MemAvailable counts reclaimable page cache, unlike free pages
             fields = dict(line.split(":", 1) for line in handle)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
+        return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available * MEMORY_SHARE)
+        pass
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):  # macOS knows only the total
+        try:
+            return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):  # no sysconf at all on Windows
+            continue
+    return FALLBACK_RAM
 
 
 def block_order(block_bounds: Tensor, rows: Tensor, generator: torch.Generator) -> Tensor:

@@ -6,13 +6,16 @@ the split held in memory, so training reaches the same weights.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from headcache.cli import app
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures, TokenBatch, block_order, gather_tokens, parse_bytes
 from headcache.store import CacheReader, CacheWriter
@@ -93,6 +96,16 @@ class TestMemoryBudget:
         source = CachedFeatures(tiny_cache, pool="meanq", device=CPU, memory_budget=1)
         assert not source.streamed("train")
         assert source.batch("train", torch.tensor([[0, 1], [2, 3]])).shape == (2, 2, 16)
+
+    def test_train_command_takes_a_budget_with_units(self, tiny_cache, tmp_path):
+        run = CliRunner().invoke(app, ["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "run"),
+                                       "--pool", "learned", "--epochs", "1", "--device", "cpu", "--quiet",
+                                       "--memory-budget", "4K"])
+        assert run.exit_code == 0, run.output
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["memory_budget"] == 4096
+        bad = CliRunner().invoke(app, ["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "bad"),
+                                       "--memory-budget", "lots"])
+        assert bad.exit_code == 1 and "--memory-budget 'lots'" in bad.output
 
     def test_train_config_carries_the_budget(self):
         assert TrainConfig(memory_budget=1 << 30).memory_budget == 1 << 30
