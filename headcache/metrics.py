@@ -14,12 +14,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, f1_score,
-                             roc_auc_score)
-from sklearn.preprocessing import label_binarize
+
+# scikit-learn is imported inside the functions that use it: it and scipy take
+# about 140 MB of memory, which a training process streaming its tokens under a
+# memory budget should not pay at import (they are needed once, at the end).
 
 BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CHUNK = 100  # resamples scored at once: bounds memory at ~BOOTSTRAP_CHUNK x N per array
 CI_LEVEL = 0.95
 
 
@@ -28,6 +29,9 @@ class SingleClassWarning(UserWarning):
 
 
 def _ranking_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
     num_classes = probs.shape[1]
     if num_classes == 2:
         scores = probs[:, 1]
@@ -55,6 +59,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, *, split: str 
     -------
     dict with auroc, auprc (None for a single class), accuracy, f1, balanced_accuracy, n.
     """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
     labels = np.asarray(labels)
     preds = probs.argmax(1)
     binary = probs.shape[1] == 2
@@ -98,13 +104,17 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int
     if len(classes) < 2:
         return {"auroc_ci": None, "auprc_ci": None}
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=(resamples, (labels == c).sum()))
-                          for c in classes], axis=1)
     n = len(labels)
-    counts = np.bincount((idx + n * np.arange(resamples)[:, None]).ravel(), minlength=resamples * n)
-    counts = counts.reshape(resamples, n)
-    scored = [counted_rows(probs[:, c], labels == c, counts) for c in ([1] if probs.shape[1] == 2 else classes)]
-    aurocs, auprcs = np.mean([a for a, _ in scored], axis=0), np.mean([p for _, p in scored], axis=0)
+    groups = [np.flatnonzero(labels == c) for c in classes]
+    aurocs, auprcs = [], []
+    for start in range(0, resamples, BOOTSTRAP_CHUNK):
+        chunk = min(BOOTSTRAP_CHUNK, resamples - start)
+        idx = np.concatenate([rng.choice(g, size=(chunk, len(g))) for g in groups], axis=1)
+        counts = np.bincount((idx + n * np.arange(chunk)[:, None]).ravel(), minlength=chunk * n).reshape(chunk, n)
+        scored = [counted_rows(probs[:, c], labels == c, counts) for c in ([1] if probs.shape[1] == 2 else classes)]
+        aurocs.append(np.mean([a for a, _ in scored], axis=0))
+        auprcs.append(np.mean([p for _, p in scored], axis=0))
+    aurocs, auprcs = np.concatenate(aurocs), np.concatenate(auprcs)
     tail = (1.0 - CI_LEVEL) / 2 * 100
     return {
         "auroc_ci": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])],
@@ -160,7 +170,7 @@ def rows_auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     rank, which is exactly scikit-learn's roc_auc_score."""
     n_pos = positive.sum(1)
     n_neg = positive.shape[1] - n_pos
-    ranks = rankdata(scores, axis=1)
+    ranks = average_ranks(scores)
     return ((ranks * positive).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
@@ -182,3 +192,20 @@ def rows_auprc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     group_end = np.minimum.accumulate(np.where(is_end, position, n)[:, ::-1], axis=1)[:, ::-1]
     precision_at_end = np.take_along_axis(true_pos, group_end, 1) / (group_end + 1)
     return (precision_at_end * sorted_pos).sum(1) / sorted_pos.sum(1)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks (1-based) along each row, tied values sharing their average rank (scipy's rankdata)."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, 1)
+    n = values.shape[1]
+    position = np.broadcast_to(np.arange(n), values.shape)
+    starts_group = np.ones(values.shape, dtype=bool)
+    starts_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends_group = np.ones(values.shape, dtype=bool)
+    ends_group[:, :-1] = starts_group[:, 1:]
+    first = np.maximum.accumulate(np.where(starts_group, position, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends_group, position, n)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty(values.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return ranks

@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
@@ -360,6 +359,8 @@ def plot_leaderboard(rows: list[dict], path: Path, *, title: str, metric: str = 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """The fold (0 .. folds - 1) of each item: scikit-learn's StratifiedKFold, shuffled with ``seed``."""
+    from sklearn.model_selection import StratifiedKFold  # imported here: see headcache.metrics
+
     fold_of = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

@@ -77,3 +77,15 @@ def test_weighted_copies_score_like_the_drawn_rows_with_ties(pairs, seed):
     for row, auroc, auprc in zip(draws, aurocs, auprcs):
         assert auroc == pytest.approx(roc_auc_score(labels[row], scores[row]), abs=1e-12)
         assert auprc == pytest.approx(average_precision_score(labels[row], scores[row]), abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0]), min_size=5, max_size=5), min_size=1, max_size=4))
+def test_average_ranks_equal_scipys_rankdata(rows):
+    from scipy.stats import rankdata
+
+    from headcache.metrics import average_ranks
+
+    values = np.array(rows)
+    assert np.array_equal(average_ranks(values), rankdata(values, axis=1))
+
