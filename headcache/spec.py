@@ -106,10 +106,6 @@ def check_spec(spec: Any, text: str = "spec") -> None:
         )
 
 
-def spec_name(spec: Any, text: str) -> str:
-    return str(getattr(spec, "name", text))
-
-
 def spec_splits(spec: Any) -> tuple[str, ...]:
     return tuple(getattr(spec, "splits", DEFAULT_SPLITS))
 
