@@ -288,8 +288,9 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
 
     # -- data: per-head train rows and labels; loss constants come from the train labels
     train_split = tasks[0].train[0]
-    if any(t.train[0] != train_split for t in tasks):
-        raise ConfigError("heads of one bank must train on the same split")
+    for role in ("train", "val"):  # one split per role: evaluation scores every head on tasks[0]'s
+        if any(getattr(t, role)[0] != getattr(tasks[0], role)[0] for t in tasks):
+            raise ConfigError(f"heads of one bank must share their {role} split")
     labels = {role: [source.labels(getattr(t, role)[0]) for t in tasks] for role in ("train", "val")}
     train_labels = [labels["train"][k][t.train[1].to(device)] for k, t in enumerate(tasks)]
     constants = [loss_constants(c.loss or default_loss(num_classes), y, num_classes, c.focal_gamma)

@@ -88,3 +88,14 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_cache, tmp_path):
 def test_early_stopping_stops_after_patience_epochs_without_gain(tiny_cache, tmp_path):
     result = train(tiny_cache, tmp_path / "r", TrainConfig(epochs=40, patience=2, lr=1e-6, device="cpu")).result
     assert result.epochs_run == result.best_epoch + 3 < 40
+
+
+def test_a_bank_refuses_heads_scored_on_different_val_splits(tiny_cache):
+    from headcache.train import HeadTask, fit
+
+    source = CachedFeatures(tiny_cache, pool="meanq", device=torch.device("cpu"))
+    every = lambda split: torch.arange(len(source.labels(split)))  # noqa: E731
+    config = TrainConfig(epochs=1, device="cpu")
+    tasks = [HeadTask(config, ("train", every("train")), (val, every(val))) for val in ("valid", "test")]
+    with pytest.raises(ConfigError, match="share their val split"):
+        fit(source, tasks, num_classes=2, hidden_dim=16)
