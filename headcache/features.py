@@ -524,10 +524,6 @@ class LiveFeatures:
             self._labels[split] = torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
         return self._labels[split]
 
-    def ids(self, split: str) -> list[str]:
-        dataset = self._dataset(split)
-        return [dataset[i][2] for i in range(len(dataset))]
-
     def batch(self, split: str, rows: Tensor) -> Tensor | TokenBatch:
         shape = rows.shape
         unique, inverse = torch.unique(rows.flatten().cpu(), return_inverse=True)
