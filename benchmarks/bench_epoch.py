@@ -25,14 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from _common import summary, timed, write_result
 from bench_extract import demo_data
+
 from headcache.bench import WEIGHT_TOLERANCE, check_run
+from headcache.config import TrainConfig
+from headcache.devices import resolve_device
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
-from headcache.spec import load_backbone, resolve_device, resolve_spec
-from headcache.train import TrainConfig, fit, tasks_for_splits
+from headcache.spec import load_backbone, resolve_spec
+from headcache.train import fit, tasks_for_splits
 
 TARGETS = {"meanq": 100.0, "learned": 20.0, "total_50": 25.0}
 SPLITS = ("train", "valid", None)

@@ -16,12 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _common import summary, timed, write_result
 from torch.utils.data import DataLoader
 
-from _common import summary, timed, write_result
 from headcache.backbones.demo import write_demo
+from headcache.devices import resolve_device
 from headcache.extract import ExtractConfig, _Collate, _Indexed, _Runner, bucketed_batches, extract
-from headcache.spec import load_backbone, resolve_device, resolve_spec
+from headcache.spec import load_backbone, resolve_spec
 
 TARGET = 0.9
 WORK = Path(__file__).resolve().parents[1] / "cache" / "benchmarks"

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import summary, synthetic_cache, write_result
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
-from _common import summary, synthetic_cache, write_result
+from headcache.config import TrainConfig
 from headcache.features import CachedFeatures
-from headcache.train import TrainConfig, derived_seeds, fit, tasks_for_splits
+from headcache.train import derived_seeds, fit, tasks_for_splits
 
 TARGET = 1.25
 

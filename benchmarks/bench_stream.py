@@ -37,8 +37,9 @@ def child(cache: Path, budget: int, epochs: int, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
+    from headcache.config import TrainConfig
     from headcache.features import CachedFeatures
-    from headcache.train import TrainConfig, fit, tasks_for_splits
+    from headcache.train import fit, tasks_for_splits
 
     after_import = peak_rss_mb()
     source = CachedFeatures(cache, pool="learned", device=torch.device("cpu"), memory_budget=budget)
@@ -80,7 +81,7 @@ def main() -> None:
     if args.child:
         child(Path(args.child), args.child_budget, args.epochs, args.threads)
         return
-    from headcache.features import parse_bytes
+    from headcache.config import parse_bytes
     from headcache.store import CacheReader
 
     budget = parse_bytes(args.budget)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import sklearn
 import torch
-
 from _common import summary, write_result
+
 from headcache.backbones.demo import write_demo
+from headcache.config import TrainConfig
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures
-from headcache.train import TrainConfig, fit, num_classes_of, resolve_splits, tasks_for_splits
+from headcache.train import fit, num_classes_of, resolve_splits, tasks_for_splits
 
 REPO = Path(__file__).resolve().parents[1]
 LRS = (1e-4, 3e-4, 1e-3, 3e-3)

@@ -12,20 +12,21 @@ The modules hold the details. The names below are re-exported, so
 the modules with ``from headcache.train import fit``, not ``import headcache.train as ...``.
 """
 
-__version__ = "0.1.0"
-
-from headcache.bench import bench  # noqa: E402
-from headcache.checkpoint import LoadReport, fingerprint, load_checkpoint  # noqa: E402
-from headcache.errors import CheckpointError, HeadcacheError  # noqa: E402
-from headcache.export import export, predict  # noqa: E402
-from headcache.extract import ExtractConfig, ExtractResult, extract  # noqa: E402
-from headcache.spec import resolve_spec  # noqa: E402
-from headcache.store import CacheReader  # noqa: E402
-from headcache.sweep import cross_validate, sweep  # noqa: E402
-from headcache.train import TrainConfig, TrainResult, train  # noqa: E402
+from headcache._version import __version__
+from headcache.bench import bench
+from headcache.checkpoint import LoadReport, fingerprint, load_checkpoint
+from headcache.config import TrainConfig
+from headcache.cv import cross_validate
+from headcache.errors import CheckpointError, HeadcacheError
+from headcache.export import export, predict
+from headcache.extract import ExtractConfig, ExtractResult, extract
+from headcache.spec import resolve_spec
+from headcache.store import CacheReader
+from headcache.sweep import sweep
+from headcache.train import TrainResult, train
 
 __all__ = [
-    "CacheReader", "CheckpointError", "ExtractConfig", "ExtractResult", "HeadcacheError", "LoadReport",
+    "__version__", "CacheReader", "CheckpointError", "ExtractConfig", "ExtractResult", "HeadcacheError", "LoadReport",
     "TrainConfig", "TrainResult", "bench", "cross_validate", "export", "extract", "fingerprint", "load_checkpoint",
     "predict", "resolve_spec", "sweep", "train",
 ]

@@ -44,12 +44,14 @@ from typing import Any, Callable
 
 import torch
 
-from headcache import __version__
+from headcache._version import __version__
+from headcache.config import TrainConfig
+from headcache.devices import resolve_device
 from headcache.errors import ConfigError, EquivalenceError
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
-from headcache.spec import load_backbone, resolve_device, resolve_spec, spec_splits
-from headcache.train import HeadTask, TrainConfig, fit, num_classes_of, resolve_splits, tasks_for_splits
+from headcache.spec import load_backbone, resolve_spec, spec_splits
+from headcache.train import HeadTask, fit, num_classes_of, resolve_splits, tasks_for_splits
 
 # Largest |w_cached - w_end_to_end| over the final head weights of the check run that still counts as
 # the same training. Measured on the demo backbone at its default size (D = 256), float16 and float32

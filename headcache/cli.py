@@ -13,8 +13,15 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -167,8 +174,7 @@ def _train_options(pool: str, head: str, loss: Optional[str], lr: float, weight_
                    batch_size: int, patience: int, seed: int, device: str, dropout: float,
                    hidden: Optional[int], val_split: Optional[str], test_split: str,
                    memory_budget: Optional[str] = None):
-    from headcache.features import parse_bytes
-    from headcache.train import TrainConfig
+    from headcache.config import TrainConfig, parse_bytes
 
     return TrainConfig(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
                        batch_size=batch_size, patience=patience, seed=seed, device=device, dropout=dropout,
@@ -313,7 +319,7 @@ def bench_command(
     """Time end-to-end training against extraction + training from the cache, same head and batches."""
     from headcache.bench import bench
     from headcache.checkpoint import parse_key_map
-    from headcache.train import TrainConfig
+    from headcache.config import TrainConfig
 
     with _user_errors(ctx):
         config = TrainConfig(pool=pool, head=head, batch_size=batch_size, seed=seed, device=device)
@@ -389,7 +395,7 @@ _AS_TRAIN = "Default: as for train."
 
 def _base_config(**options):
     """A TrainConfig from the train options given on the command line (the others keep TrainConfig's defaults)."""
-    from headcache.train import config_from_options
+    from headcache.config import config_from_options
 
     return config_from_options({key: value for key, value in options.items() if value is not None})
 
@@ -517,7 +523,7 @@ def cv_command(
     """Stratified K-fold cross-validation, all folds as one batched computation; print mean ± std and CIs."""
     from rich.table import Column
 
-    from headcache.sweep import cross_validate
+    from headcache.cv import cross_validate
 
     with _user_errors(ctx):
         base = _base_config(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,

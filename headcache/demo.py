@@ -17,8 +17,9 @@ from typing import Callable
 
 from headcache.backbones.demo import write_demo
 from headcache.bench import BenchResult, bench
+from headcache.config import TrainConfig
 from headcache.extract import ExtractConfig, extract
-from headcache.train import TrainConfig, train
+from headcache.train import train
 
 BENCH_ITEMS = 256  # per split: the end-to-end side runs the backbone every epoch, so the demo's bench is a sample
 BENCH_EPOCHS = 2

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from headcache.checkpoint import fingerprint
+from headcache.devices import resolve_device, to_device
 from headcache.errors import CheckpointError, FingerprintMismatchError, OutputExistsError
-from headcache.features import TokenBatch, round_through
-from headcache.pooling import is_learnable, pool_parameter_free
-from headcache.spec import load_backbone, resolve_device, resolve_spec, to_device
-from headcache.train import head_from_checkpoint
+from headcache.features import round_through
+from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
+from headcache.rundir import head_from_checkpoint
+from headcache.spec import load_backbone, resolve_spec
 
 MODEL_FORMAT = "headcache-model"
 

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from headcache import __version__
+from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
+from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, DataError, NonFiniteError
 from headcache.features import round_through
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
-from headcache.spec import load_backbone, resolve_device, resolve_spec, spec_splits, to_device
+from headcache.spec import load_backbone, resolve_spec, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
 
 DTYPES = ("float16", "float32")

@@ -48,10 +48,8 @@ import atexit
 import collections
 import os
 import queue
-import re
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,9 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headcache.errors import ConfigError
-from headcache.pooling import is_learnable, pool_parameter_free
-from headcache.spec import to_device
+from headcache.devices import to_device
+from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
 from headcache.store import CacheReader
 
 EVAL_ROWS = 256  # items per evaluation chunk of pooled features
@@ -72,15 +69,6 @@ PREFETCH_BLOCKS = 2  # blocks read ahead of the step that needs them
 STREAM_FOOTPRINT = 2 + PREFETCH_BLOCKS + 1  # blocks a stream holds: a step's 2, the queue, one being read
 STREAM_SHARE = 3  # a stream's footprint is 1 / STREAM_SHARE of the budget left when it opens
 MIN_BLOCK_BYTES = 1 << 20  # below this, HDF5 reads get slow (chunks are about 1 MiB)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-@dataclass
-class TokenBatch:
-    """Padded per-token features: hidden (..., T, D) float32, mask (..., T) bool."""
-
-    hidden: Tensor
-    mask: Tensor
 
 
 def round_through(hidden: Tensor, dtype: str) -> Tensor:
@@ -103,24 +91,6 @@ def gather_tokens(tokens: Tensor, offsets: Tensor, rows: Tensor) -> TokenBatch:
     # index_select on the flat positions: one contiguous gather, faster than advanced indexing on CPU
     hidden = tokens.index_select(0, positions.flatten()).view(*positions.shape, tokens.shape[-1])
     return TokenBatch(hidden.float().masked_fill_(~mask.unsqueeze(-1), 0.0), mask)
-
-
-def parse_bytes(text: str | int) -> int:
-    """``--memory-budget`` text as bytes: a number with an optional unit K, M, G or T (powers of 1024).
-
-    >>> parse_bytes("1.5G")
-    1610612736
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
-        if match is None:
-            raise ConfigError(f"--memory-budget {text!r}: expected a size such as 512M, 4G or 1073741824")
-        value = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if value < 1:
-        raise ConfigError(f"--memory-budget {text!r}: the budget must be positive")
-    return value
 
 
 def default_memory_budget(device: torch.device) -> int:

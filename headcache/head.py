@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from headcache.errors import ConfigError
+from headcache.pooling import LearnedQueryPool, TokenBatch
 
 HEAD_NAMES = ("mlp", "linear")
 BATCHNORM_MOMENTUM = 0.1
@@ -178,3 +179,29 @@ class HeadBank(nn.Module):
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
                 tensor[k].copy_(state[name])
+
+
+class HeadModel(nn.Module):
+    """A learnable pool (if any) followed by a bank of heads: what a run trains and a head file holds."""
+
+    def __init__(self, bank: HeadBank, pool: LearnedQueryPool | None):
+        super().__init__()
+        self.bank, self.pool = bank, pool
+
+    def forward(self, features: Tensor | TokenBatch, generators: list[torch.Generator] | None = None) -> Tensor:
+        if isinstance(features, TokenBatch):
+            features = self.pool(features.hidden, features.mask)
+        return self.bank(features, generators)
+
+    def head_state(self, k: int) -> dict[str, Tensor]:
+        """Head k's pool and head tensors (copies, on the CPU): what a head file stores."""
+        state = {f"bank.{n}": t for n, t in self.bank.head_state(k).items()}
+        if self.pool is not None:
+            state["pool.query"] = self.pool.query[k].detach().clone()
+        return {n: t.cpu() for n, t in state.items()}
+
+    def load_head_state(self, k: int, state: dict[str, Tensor]) -> None:
+        self.bank.load_head_state(k, {n[len("bank."):]: t for n, t in state.items() if n.startswith("bank.")})
+        if self.pool is not None:
+            with torch.no_grad():
+                self.pool.query[k].copy_(state["pool.query"])

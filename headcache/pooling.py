@@ -9,12 +9,21 @@ sweep trains K of them as one computation (see head.py).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from headcache.errors import ConfigError
+
+
+@dataclass
+class TokenBatch:
+    """Padded per-token features: hidden (..., T, D) float32, mask (..., T) bool."""
+
+    hidden: Tensor
+    mask: Tensor
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:

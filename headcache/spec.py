@@ -38,12 +38,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-import torch
 from torch import Tensor, nn
 
 from headcache.backbones import BUILTIN_SPECS
 from headcache.checkpoint import LoadReport, load_checkpoint
-from headcache.errors import ConfigError, SpecError
+from headcache.errors import SpecError
 
 DEFAULT_SPLITS = ("train", "val", "test")
 REQUIRED_MEMBERS = ("dataset", "collate", "encode")
@@ -110,17 +109,6 @@ def spec_splits(spec: Any) -> tuple[str, ...]:
     return tuple(getattr(spec, "splits", DEFAULT_SPLITS))
 
 
-def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Move every tensor inside nested dicts/lists/tuples to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, non_blocking) for v in obj)
-    return obj
-
-
 def _import_factory(text: str):
     if text in BUILTIN_SPECS:
         text = BUILTIN_SPECS[text]
@@ -167,19 +155,6 @@ def _accepted_options(factory) -> str:
     params: Sequence[inspect.Parameter] = list(inspect.signature(factory).parameters.values())
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return f"({', '.join(names)})"
-
-
-def resolve_device(text: str = "auto") -> torch.device:
-    """``auto`` picks the first CUDA device when there is one, else the CPU."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {text}: CUDA is not available on this machine; use --device cpu or auto")
-    return device
 
 
 def load_backbone(spec: Any, checkpoint: str | Path, *, key_map: dict[str, str] | None = None,

@@ -46,7 +46,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-import headcache
+from headcache._version import __version__
 from headcache.errors import (
     CacheError,
     ConfigError,
@@ -154,7 +154,7 @@ class CacheWriter:
             for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "dtype"):
                 root[key] = attrs[key]
             root["hidden_dim"] = attrs["hidden_dim"]
-            root["created_by"] = f"headcache {headcache.__version__}"
+            root["created_by"] = f"headcache {__version__}"
             root["load_report"] = json.dumps(attrs["load_report"], sort_keys=True)
             self._file.flush()
 
@@ -470,7 +470,7 @@ class CacheReader:
         self.schema = int(root.get("schema", -1))
         if self.schema != SCHEMA:
             raise SchemaError(
-                f"{self.path} has cache schema {self.schema}; headcache {headcache.__version__} reads schema "
+                f"{self.path} has cache schema {self.schema}; headcache {__version__} reads schema "
                 f"{SCHEMA}. Re-extract the cache with this version (headcache extract ... --overwrite), or "
                 "use a headcache version that reads that schema"
             )

@@ -15,123 +15,29 @@ min_delta 5e-4; keep the best and the last weights.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from headcache.errors import ConfigError, OutputExistsError
-from headcache.features import CachedFeatures, TokenBatch, parse_bytes
-from headcache.head import HEAD_NAMES, HeadBank
-from headcache.losses import LOSS_NAMES, LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
+from headcache.config import TrainConfig
+from headcache.devices import resolve_device
+from headcache.errors import ConfigError
+from headcache.features import CachedFeatures
+from headcache.head import HeadBank, HeadModel
+from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
-from headcache.pooling import POOL_NAMES, LearnedQueryPool, is_learnable
-from headcache.spec import resolve_device
+from headcache.optim import StackedAdamW, clip_per_head
+from headcache.pooling import LearnedQueryPool, is_learnable
+from headcache.rundir import prepare_out_dir, save_run, write_config
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
-RUN_FILES = ("config.json", "metrics.json", "history.csv", "head_best.pt", "head_last.pt", "curves.png")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one head's training (never learned state)."""
-
-    pool: str = "meanq"
-    head: str = "mlp"
-    loss: str | None = None  # None: focal for two classes, else ce
-    lr: float = 5e-4
-    weight_decay: float = 1e-3
-    epochs: int = 50
-    batch_size: int = 16
-    patience: int = 8
-    min_delta: float = 5e-4
-    grad_clip: float = 0.05
-    dropout: float = 0.1
-    hidden: int | None = None  # mlp width; None: D // 2
-    focal_gamma: float = 3.0
-    seed: int = 0
-    device: str = "auto"
-    train_split: str = "train"
-    val_split: str | None = None  # None: the cache's val or valid
-    test_split: str | None = "test"
-    memory_budget: int | None = None  # bytes for token matrices on the device; None: a share of what is free
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Allowed values of each setting, declared once; every message comes from here.
-CONSTRAINTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "pool": (f"one of {', '.join(POOL_NAMES)}", lambda v: v in POOL_NAMES),
-    "head": (f"one of {', '.join(HEAD_NAMES)}", lambda v: v in HEAD_NAMES),
-    "loss": (f"one of {', '.join(LOSS_NAMES)} (or unset)", lambda v: v is None or v in LOSS_NAMES),
-    "lr": ("a number > 0", lambda v: _number(v) and v > 0),
-    "weight_decay": ("a number >= 0", lambda v: _number(v) and v >= 0),
-    "epochs": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
-    "batch_size": ("an integer >= 2", lambda v: _integer(v) and v >= 2),
-    "patience": ("an integer >= 1", lambda v: _integer(v) and v >= 1),
-    "min_delta": ("a number >= 0", lambda v: _number(v) and v >= 0),
-    "grad_clip": ("a number > 0", lambda v: _number(v) and v > 0),
-    "dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
-    "hidden": ("an integer >= 1 (or unset)", lambda v: v is None or (_integer(v) and v >= 1)),
-    "focal_gamma": ("a number >= 0", lambda v: _number(v) and v >= 0),
-    "seed": ("an integer >= 0", lambda v: _integer(v) and v >= 0),
-    "memory_budget": ("an integer >= 1 (bytes, or unset)", lambda v: v is None or (_integer(v) and v >= 1)),
-}
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_config(config: TrainConfig) -> None:
-    """Refuse a setting outside its allowed values, in scikit-learn's shape of message."""
-    for name, (allowed, ok) in CONSTRAINTS.items():
-        value = getattr(config, name)
-        if not ok(value):
-            raise ConfigError(f"The '{name}' parameter of TrainConfig must be {allowed}. Got {value!r} instead.")
-
-
-def config_from_options(options: dict[str, str], base: TrainConfig | None = None) -> TrainConfig:
-    """A config from text values (``--grid lr=1e-3`` and friends), converted by field type."""
-    base = base or TrainConfig()
-    known = {f.name: f for f in fields(TrainConfig)}
-    changes = {}
-    for key, text in options.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"unknown train option {key!r}; known: {', '.join(sorted(known))}")
-        changes[name] = _parse_value(name, text, getattr(base, name))
-    return replace(base, **changes)
-
-
-def _parse_value(name: str, text: str, current: Any) -> Any:
-    if not isinstance(text, str):
-        return text
-    if text.lower() in ("none", "null", ""):
-        return None
-    kind = {"epochs": int, "batch_size": int, "patience": int, "hidden": int, "seed": int,
-            "lr": float, "weight_decay": float, "min_delta": float, "grad_clip": float,
-            "dropout": float, "focal_gamma": float, "memory_budget": parse_bytes}.get(name, str)
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"The '{name}' parameter must be {CONSTRAINTS[name][0]}. Got {text!r} instead.") from None
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -152,64 +58,6 @@ def derived_seeds(seed: int) -> tuple[int, int, int]:
     """Independent seeds for (initialisation, dropout, batch order) from one --seed."""
     init, dropout, order = np.random.SeedSequence(seed).generate_state(3)
     return int(init), int(dropout), int(order)
-
-
-class StackedAdamW:
-    """AdamW over stacked (K, ...) parameters with a learning rate and weight decay per head.
-
-    The update is torch.optim.AdamW's. torch's fused AdamW kernel (the one
-    behind ``AdamW(fused=True)``) takes one lr and weight decay, so it runs once
-    for all heads with lr 1 and no decay, writing the Adam step
-    -m_hat / (sqrt(v_hat) + eps) into scratch tensors; two broadcast ops then
-    apply each head's decay and lr. That is a few passes over the weights
-    instead of the dozen a broadcast formula makes, and those passes are what
-    bound a CPU bank of many heads (32 mlp heads: 6.2 ms -> 0.6 ms per step).
-    """
-
-    def __init__(self, params: list[nn.Parameter], weight_decay: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = params
-        self.weight_decay = weight_decay
-        self.beta1, self.beta2 = betas
-        self.eps = eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.direction = [torch.zeros_like(p) for p in params]
-        self.step_count = torch.zeros((), device=params[0].device)  # the fused kernel reads it as a tensor
-
-    @torch.no_grad()
-    def step(self, lr: Tensor) -> None:
-        self.step_count += 1
-        torch._foreach_zero_(self.direction)
-        torch._fused_adamw_(self.direction, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, [],
-                            [self.step_count] * len(self.params), lr=1.0, beta1=self.beta1, beta2=self.beta2,
-                            weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
-        decay = 1 - lr * self.weight_decay
-        for p, direction in zip(self.params, self.direction):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            p.mul_(decay.view(shape)).addcmul_(direction, lr.view(shape))
-
-
-def clip_per_head(params: list[nn.Parameter], max_norm: Tensor) -> Tensor:
-    """Scale each head's gradients so their joint norm is at most max_norm[k] (as clip_grad_norm_)."""
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1)
-                                                  for p in params]), dim=0)
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
-    return norms
-
-
-class HeadModel(nn.Module):
-    """A learnable pool (if any) followed by a bank of heads."""
-
-    def __init__(self, bank: HeadBank, pool: LearnedQueryPool | None):
-        super().__init__()
-        self.bank, self.pool = bank, pool
-
-    def forward(self, features: Tensor | TokenBatch, generators: list[torch.Generator] | None = None) -> Tensor:
-        if isinstance(features, TokenBatch):
-            features = self.pool(features.hidden, features.mask)
-        return self.bank(features, generators)
 
 
 @dataclass
@@ -348,12 +196,12 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
             if value > best[k] + configs[k].min_delta:
                 best[k], waited[k] = value, 0
                 results[k].best_epoch, results[k].best_value = epoch, record[f"val_{monitors[k]}"]
-                results[k].best_state = _head_state(model, k)
+                results[k].best_state = model.head_state(k)
             else:
                 waited[k] += 1
             if waited[k] >= configs[k].patience or epoch + 1 >= configs[k].epochs:
                 active[k] = False
-                results[k].last_state = _head_state(model, k)
+                results[k].last_state = model.head_state(k)
             rows_out.append(record)
         if on_epoch is not None:
             on_epoch(epoch, rows_out)
@@ -381,20 +229,6 @@ def _epoch_record(epoch: int, train_loss: float, val_loss: float, probs: np.ndar
     return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auroc": auroc,
             "val_auprc": auprc, "val_accuracy": float((probs.argmax(1) == labels).mean()), "lr": lr,
             "seconds": seconds}
-
-
-def _head_state(model: HeadModel, k: int) -> dict[str, Tensor]:
-    state = {f"bank.{n}": t for n, t in model.bank.head_state(k).items()}
-    if model.pool is not None:
-        state["pool.query"] = model.pool.query[k].detach().clone()
-    return {n: t.cpu() for n, t in state.items()}
-
-
-def _load_head_state(model: HeadModel, k: int, state: dict[str, Tensor]) -> None:
-    model.bank.load_head_state(k, {n[len("bank."):]: t for n, t in state.items() if n.startswith("bank.")})
-    if model.pool is not None:
-        with torch.no_grad():
-            model.pool.query[k].copy_(state["pool.query"])
 
 
 @torch.no_grad()
@@ -430,7 +264,7 @@ def _final_evaluation(model, source, tasks, results, labels, loss_args) -> None:
     """Put every head at its best weights and score val (and test) with full metrics and CIs."""
     for k, result in enumerate(results):
         if result.best_state:
-            _load_head_state(model, k, result.best_state)
+            model.load_head_state(k, result.best_state)
         else:  # the monitor never improved (e.g. NaN): keep the last weights
             result.best_state = result.last_state
     roles = ["val"] + (["test"] if all(t.test is not None for t in tasks) else [])
@@ -463,18 +297,6 @@ def resolve_splits(config: TrainConfig, available: Sequence[str]) -> tuple[str, 
         raise ConfigError(f"the cache has no split {missing[0]!r} (it has {', '.join(available)})")
     test = config.test_split if config.test_split in available else None
     return config.train_split, val, test
-
-
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse one that holds files unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists and is not empty; pass --overwrite to replace "
-                                "its files, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def tasks_for_splits(configs: Sequence[TrainConfig], source: Any,
@@ -528,91 +350,3 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     return TrainResult(out, result, time.perf_counter() - started)
 
 
-# ---------------------------------------------------------------------------- the run directory
-
-
-def write_config(out: Path, config: TrainConfig, **context: Any) -> None:
-    """config.json, written before the first epoch."""
-    (out / "config.json").write_text(json.dumps({"train": config.to_dict(), **context}, indent=2, default=str))
-
-
-def save_run(out: Path, result: FitResult, *, hidden_dim: int, num_classes: int, fingerprint: str,
-             ids: dict[str, list[str]] | None = None) -> None:
-    """metrics.json, history.csv, head_best.pt, head_last.pt and curves.png of one head, and
-    predictions_<role>.csv for each evaluated role whose item ids are given."""
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    config.update({"loss_constants": result.loss.to_dict(), "monitor": result.monitor})
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    metrics = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
-               **result.metrics}
-    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
-    with open(out / "history.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
-        writer.writeheader()
-        writer.writerows(result.history)
-    for name, state, epoch in (("head_best.pt", result.best_state, result.best_epoch),
-                               ("head_last.pt", result.last_state, result.epochs_run - 1)):
-        torch.save(head_checkpoint(result, state, epoch, hidden_dim, num_classes, fingerprint), out / name)
-    plot_curves(result.history, out / "curves.png", best_epoch=result.best_epoch)
-    for role, probs in result.predictions.items():
-        if ids and role in ids:
-            write_predictions(out / f"predictions_{role}.csv", ids[role], probs)
-
-
-def write_predictions(path: Path, ids: Sequence[str], probs: np.ndarray) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id"] + [f"p{c}" for c in range(probs.shape[1])])
-        for item_id, row in zip(ids, probs):
-            writer.writerow([item_id] + [f"{v:.6g}" for v in row])
-
-
-def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, hidden_dim: int,
-                    num_classes: int, fingerprint: str) -> dict:
-    """A head file: everything export and predict need, loadable with weights_only=True."""
-    return {"format": "headcache-head", "version": 1, "config": result.config.to_dict(), "epoch": epoch,
-            "monitor": result.monitor, "best_value": result.best_value, "hidden_dim": hidden_dim,
-            "num_classes": num_classes, "backbone_fingerprint": fingerprint, "state": state}
-
-
-def head_from_checkpoint(checkpoint: dict) -> nn.Module:
-    """Rebuild a trained pool + head (eval mode) from a head file's contents."""
-    config = TrainConfig(**checkpoint["config"])
-    bank = HeadBank(config.head, 1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
-                    [config.dropout])
-    pool = LearnedQueryPool(1, checkpoint["hidden_dim"]) if is_learnable(config.pool) else None
-    model = HeadModel(bank, pool)
-    _load_head_state(model, 0, checkpoint["state"])
-    return model.eval()
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val loss")
-    ax_metric.plot(epochs, [r["val_auroc"] for r in history], label="val AUROC")
-    ax_metric.plot(epochs, [r["val_auprc"] for r in history], label="val AUPRC")
-    for ax in (ax_loss, ax_metric):
-        if best_epoch >= 0:
-            ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch")
-        ax.set_xlabel("epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

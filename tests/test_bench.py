@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from headcache.bench import WEIGHT_TOLERANCE, BenchResult, bench
 from headcache.cli import app
+from headcache.config import TrainConfig
 from headcache.errors import ConfigError, EquivalenceError
 from headcache.extract import ExtractConfig, plan_extraction
 from headcache.features import LiveFeatures
-from headcache.train import TrainConfig
 
 CPU = TrainConfig(device="cpu")
 KEYS = ("epoch_seconds_end_to_end", "epoch_seconds_cached", "extract_seconds", "speedup_per_epoch",

@@ -13,11 +13,12 @@ from sklearn.model_selection import StratifiedKFold
 from typer.testing import CliRunner
 
 from headcache.cli import app
+from headcache.config import TrainConfig
+from headcache.cv import cross_validate, stratified_folds
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
 from headcache.metrics import bootstrap_intervals
-from headcache.sweep import cross_validate, stratified_folds
-from headcache.train import HeadTask, TrainConfig, fit
+from headcache.train import HeadTask, fit
 
 FOLDS = 4
 BASE = TrainConfig(epochs=6, patience=3, device="cpu")

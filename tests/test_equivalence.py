@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from headcache.config import TrainConfig
 from headcache.features import CachedFeatures, LiveFeatures
 from headcache.spec import load_backbone, resolve_spec
-from headcache.train import TrainConfig, fit, tasks_for_splits
+from headcache.train import fit, tasks_for_splits
 
 TOLERANCE = 1e-5
 

@@ -8,9 +8,10 @@ import torch
 from typer.testing import CliRunner
 
 from headcache.cli import app
+from headcache.config import TrainConfig
 from headcache.errors import FingerprintMismatchError
 from headcache.export import export
-from headcache.train import TrainConfig, train
+from headcache.train import train
 
 
 def _rows(path):

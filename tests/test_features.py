@@ -16,10 +16,12 @@ import torch
 from typer.testing import CliRunner
 
 from headcache.cli import app
+from headcache.config import TrainConfig, parse_bytes
 from headcache.errors import ConfigError
-from headcache.features import CachedFeatures, TokenBatch, block_order, gather_tokens, parse_bytes
+from headcache.features import CachedFeatures, block_order, gather_tokens
+from headcache.pooling import TokenBatch
 from headcache.store import CacheReader, CacheWriter
-from headcache.train import HeadTask, TrainConfig, fit, tasks_for_splits
+from headcache.train import HeadTask, fit, tasks_for_splits
 
 CPU = torch.device("cpu")
 SPLITS = ("train", "valid", "test")

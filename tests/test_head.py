@@ -8,7 +8,7 @@ from torch import nn
 
 from headcache.errors import ConfigError
 from headcache.head import HeadBank
-from headcache.train import StackedAdamW, clip_per_head
+from headcache.optim import StackedAdamW, clip_per_head
 
 
 def _bank(kind, k, seeds, dropout=None, d=6, c=2):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO
+
+from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, SpecError
-from headcache.spec import resolve_device, resolve_spec, to_device
+from headcache.spec import resolve_spec
 
 
 def test_builtin_module_and_file_spellings(tiny_options):

@@ -11,9 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from headcache.cli import app
+from headcache.config import TrainConfig
 from headcache.errors import ConfigError
+from headcache.rundir import RUN_FILES
 from headcache.sweep import expand_grid, sweep
-from headcache.train import RUN_FILES, TrainConfig, train
+from headcache.train import train
 
 TOLERANCE = 1e-5
 GRID = {"lr": ["1e-3", "3e-3"], "weight_decay": ["0", "0.1"]}

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from headcache.config import TrainConfig, config_from_options
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
-from headcache.train import (TrainConfig, config_from_options, cosine_lr, head_from_checkpoint, predict_split, train)
+from headcache.rundir import head_from_checkpoint
+from headcache.train import cosine_lr, predict_split, train
 
 
 def test_cosine_schedule_equals_torch_with_the_seeds_intended_settings():
