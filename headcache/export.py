@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 from headcache.checkpoint import fingerprint
 from headcache.devices import resolve_device, to_device
 from headcache.errors import CheckpointError, FingerprintMismatchError, OutputExistsError
-from headcache.features import round_through
 from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
 from headcache.rundir import head_from_checkpoint
 from headcache.spec import load_backbone, resolve_spec
+from headcache.store import round_through
 
 MODEL_FORMAT = "headcache-model"
 

@@ -33,10 +33,9 @@ from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
 from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, DataError, NonFiniteError
-from headcache.features import round_through
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.spec import load_backbone, resolve_spec, spec_splits
-from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
+from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
 
 DTYPES = ("float16", "float32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from headcache.devices import to_device
 from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
-from headcache.store import CacheReader
+from headcache.store import CacheReader, round_through
 
 EVAL_ROWS = 256  # items per evaluation chunk of pooled features
 TOKEN_EVAL_ROWS = 64  # of token features: (64, T, D) float32 chunks stay a few MB, not tens
@@ -69,11 +69,6 @@ PREFETCH_BLOCKS = 2  # blocks read ahead of the step that needs them
 STREAM_FOOTPRINT = 2 + PREFETCH_BLOCKS + 1  # blocks a stream holds: a step's 2, the queue, one being read
 STREAM_SHARE = 3  # a stream's footprint is 1 / STREAM_SHARE of the budget left when it opens
 MIN_BLOCK_BYTES = 1 << 20  # below this, HDF5 reads get slow (chunks are about 1 MiB)
-
-
-def round_through(hidden: Tensor, dtype: str) -> Tensor:
-    """Round float32 states through the cache dtype and back (see NOTE [ Float16 rounding ... ])."""
-    return hidden.to(getattr(torch, dtype)).float()
 
 
 def gather_tokens(tokens: Tensor, offsets: Tensor, rows: Tensor) -> TokenBatch:

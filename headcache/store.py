@@ -34,7 +34,7 @@ h5py serialises every HDF5 call under one global lock, so a cache file should
 be touched by one thread only (the writer thread of extraction, the prefetch
 thread of training).
 
-This module imports h5py and numpy, never torch or models.
+This module imports h5py, numpy and torch tensors (for `round_through`), never models or specs.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from headcache._version import __version__
 from headcache.errors import (
@@ -71,6 +72,13 @@ CHUNK_BYTES = 1 << 20
 # ids are chunked (not contiguous) only so a resume can drop chunks past the commit point.
 ID_CHUNK = 4096
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def round_through(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Float32 states rounded through the cache's storage dtype and back: what a reader of a cache of
+    that dtype sees. Extraction pools these rounded states, and the live source and the exported model
+    round the same way (NOTE [ Float16 rounding in the live source ] in features.py)."""
+    return hidden.float().to(getattr(torch, dtype)).float()
 
 
 def sequence_bounds(offsets: np.ndarray, rows: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
