@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -74,9 +75,17 @@ class _Rate(ProgressColumn):
         return Text(f"{done / task.elapsed:.1f} seq/s" if task.elapsed and done > 0 else "")
 
 
+def _sizes(split_sizes: dict[str, int]) -> str:
+    return ", ".join(f"{s} {n}" for s, n in split_sizes.items())
+
+
 @contextlib.contextmanager
-def _extract_hooks() -> Iterator[dict]:
-    """The on_load / on_progress callbacks of `extract`: print the load report, show a bar per split."""
+def _extract_hooks(show: bool = True) -> Iterator[dict]:
+    """The on_load / on_progress callbacks of `extract`: print the load report, show a bar per split
+    (nothing at all when not ``show``: the other ranks of a torchrun)."""
+    if not show:
+        yield {}
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, auto_refresh=False) as progress:
         bars: dict[str, int] = {}
@@ -113,9 +122,15 @@ def extract_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache file."),
     plan: bool = typer.Option(False, "--plan", help="Estimate cache size, extraction time and break-even "
                               "from a small sample; print them and exit without writing."),
+    shard: Optional[str] = typer.Option(None, help="I/N: extract part I of N into OUT.part-I-of-N beside --out "
+                                        "(join the parts with headcache merge)."),
+    keep_parts: bool = typer.Option(False, "--keep-parts", help="Under torchrun: keep the part files after the "
+                                    "merge."),
 ) -> None:
-    """Run the backbone once over the spec's splits and write the HDF5 cache."""
+    """Run the backbone once over the spec's splits and write the HDF5 cache (under torchrun: one shard per
+    process, merged by rank 0)."""
     from headcache.checkpoint import parse_key_map
+    from headcache.distributed import extract_distributed, extract_shard, parse_shard, torchrun_world
     from headcache.extract import ExtractConfig, extract, plan_extraction
 
     with _user_errors(ctx):
@@ -127,12 +142,51 @@ def extract_command(
             console.print(plan_extraction(spec, checkpoint, config, spec_options=_pairs(spec_opt, "--spec-opt"))
                           .summary(), highlight=False)
             return
+        options = _pairs(spec_opt, "--spec-opt")
+        world = torchrun_world()
+        if shard is not None and world is not None:
+            raise ConfigError("--shard: under torchrun every process takes its shard from its rank; leave --shard out")
+        if world is not None:
+            started = time.perf_counter()
+            with _extract_hooks(show=world[0] == 0) as hooks:
+                merged = extract_distributed(spec, checkpoint, out, config, spec_options=options,
+                                             keep_parts=keep_parts, **hooks)
+            if merged is not None:
+                seconds = time.perf_counter() - started
+                total = sum(merged.split_sizes.values())
+                console.print(f"merged {len(merged.parts)} parts into {merged.path} ({_sizes(merged.split_sizes)}) "
+                              f"in {seconds:.1f}s, {total / seconds:.1f} sequences/s over {world[1]} processes",
+                              highlight=False)
+            return
         with _extract_hooks() as hooks:
-            result = extract(spec, checkpoint, out, config, spec_options=_pairs(spec_opt, "--spec-opt"), **hooks)
+            if shard is not None:
+                result = extract_shard(spec, checkpoint, out, config, parse_shard(shard), spec_options=options,
+                                       **hooks)
+                if result is None:
+                    console.print(f"part {shard} of {out} is already complete; nothing to do", highlight=False)
+                    return
+            else:
+                result = extract(spec, checkpoint, out, config, spec_options=options, **hooks)
         sizes = ", ".join(f"{s} {n}" for s, n in result.split_sizes.items())
         verb = "resumed and finished" if result.resumed else "wrote"
         console.print(f"{verb} {result.path} ({sizes}) in {result.seconds:.1f}s, "
                       f"{result.sequences_per_second:.1f} sequences/s", highlight=False)
+
+
+@app.command("merge")
+def merge_command(
+    ctx: typer.Context,
+    cache: Path = typer.Argument(..., help="The cache to write; its parts CACHE.part-I-of-N lie beside it."),
+    keep_parts: bool = typer.Option(False, "--keep-parts", help="Keep the part files after the merge."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing CACHE."),
+) -> None:
+    """Join the parts written by extract --shard I/N into one cache, once all N are complete."""
+    from headcache.distributed import merge_parts
+
+    with _user_errors(ctx):
+        result = merge_parts(cache, keep_parts=keep_parts, overwrite=overwrite)
+        console.print(f"merged {len(result.parts)} parts into {result.path} ({_sizes(result.split_sizes)}) in "
+                      f"{result.seconds:.1f}s" + ("" if keep_parts else "; removed the parts"), highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ inspect
