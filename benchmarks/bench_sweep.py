@@ -35,10 +35,11 @@ from headcache.train import fit, num_classes_of, resolve_splits, tasks_for_split
 
 REPO = Path(__file__).resolve().parents[1]
 LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-CASES = {  # name: (pool, weight decays, seeds, target ratio)
-    "pooled": ("meanq", (0.0, 1e-3, 1e-2, 1e-1), (0, 1), 6.0),
-    "learned": ("learned", (0.0, 1e-2), (0,), 3.0),
-    "learned-own-orders": ("learned", (0.0,), tuple(range(8)), None),
+CASES = {  # name: (pool, weight decays, seeds, heads, target ratio on 2 CPU cores)
+    "pooled": ("meanq", (0.0, 1e-3, 1e-2, 1e-1), (0, 1), 32, 6.0),
+    "learned": ("learned", (0.0, 1e-2), (0,), 8, 3.0),
+    "learned-own-orders": ("learned", (0.0,), tuple(range(8)), 8, None),
+    "pooled-256": ("meanq", (0.0, 1e-3, 1e-2, 1e-1), tuple(range(16)), 256, None),  # GPU target: <= 2x
 }
 
 
@@ -64,11 +65,11 @@ def timed_fit(source, configs: list[TrainConfig], splits, num_classes: int) -> d
 
 
 def run_case(cache: Path, name: str, epochs: int, repeats: int, device: str) -> dict:
-    pool, weight_decays, seeds, target = CASES[name]
+    pool, weight_decays, seeds, heads, target = CASES[name]
     base = TrainConfig(pool=pool, epochs=epochs, patience=epochs, device=device)
     one = [base]
     bank = [TrainConfig(**{**base.to_dict(), "lr": lr, "weight_decay": wd, "seed": seed})
-            for seed in seeds for lr in LRS for wd in weight_decays][:8 if pool == "learned" else 32]
+            for seed in seeds for lr in LRS for wd in weight_decays][:heads]
     source = CachedFeatures(cache, pool=pool, device=torch.device(device))
     splits = resolve_splits(base, source.splits)
     num_classes = num_classes_of(source, splits)  # loads every split: the timings see a loaded cache
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--name", default=None, help="results file name (default: bench_sweep_<device>)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,7 +115,7 @@ def main() -> None:
               f"{result['one_head']['seconds']:5.2f}s -> {result['ratio']:4.2f}x{verdict}; epochs alone "
               f"{result['epochs_ratio']:.2f}x; {result['heads']} separate runs: {result['heads']}x")
 
-    write_result(f"bench_sweep_{args.device.split(':')[0]}", {
+    write_result(args.name or f"bench_sweep_{args.device.split(':')[0]}", {
         "epochs": args.epochs, "repeats": args.repeats, "statistic": "fastest of the repeats",
         "cache": str(args.cache), "scikit-learn": sklearn.__version__, "cases": results})
 

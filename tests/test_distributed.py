@@ -157,3 +157,30 @@ class TestTorchrun:
         with CacheReader(out) as a, CacheReader(single) as b:
             assert a.split("train").ids == b.split("train").ids
             np.testing.assert_allclose(a.split("train").tokens(), b.split("train").tokens(), atol=1e-5, rtol=0)
+
+
+def test_readme_commands_for_many_processes_run_as_written(tmp_path):
+    """The README's "Many GPUs or machines" block, run verbatim (headcache and torchrun as this Python's
+    modules) in a folder laid out as `headcache demo` leaves it; both ways give the same cache."""
+    import re
+    import shlex
+
+    from headcache.backbones.demo import write_demo
+
+    write_demo(tmp_path / "cache" / "demo", patients=30, seed=0)
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Many GPUs or machines", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    prefixes = {"headcache": [sys.executable, "-m", "headcache"],
+                "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    for line in block.strip().splitlines():
+        words = shlex.split(line)
+        done = subprocess.run(prefixes[words[0]] + words[1:], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, line + "\n" + done.stdout + done.stderr
+    with CacheReader(tmp_path / "cache/demo/torchrun.h5") as a, CacheReader(tmp_path / "cache/demo/sharded.h5") as b:
+        for name in b.splits:
+            assert a.split(name).ids == b.split(name).ids and a.split(name).n > 0
+            np.testing.assert_array_equal(a.split(name).offsets, b.split(name).offsets)
+            np.testing.assert_array_equal(a.split(name).tokens(), b.split(name).tokens())  # same slices, batches
