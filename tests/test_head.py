@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from headcache.errors import ConfigError
-from headcache.head import HeadBank
+from headcache.head import get_head
 from headcache.optim import StackedAdamW, clip_per_head
 
 
 def _bank(kind, k, seeds, dropout=None, d=6, c=2):
-    bank = HeadBank(kind, k, d, c, dropout=dropout)
+    bank = get_head(kind)(k, d, c, dropout=dropout)
     bank.reset_parameters([torch.Generator().manual_seed(s) for s in seeds])
     return bank
 
@@ -72,4 +72,4 @@ def test_stacked_adamw_and_clipping_match_torch():
 
 def test_unknown_head_lists_the_valid_names():
     with pytest.raises(ConfigError, match="mlp, linear"):
-        HeadBank("transformer", 1, 4, 2)
+        get_head("transformer")
