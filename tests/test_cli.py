@@ -214,7 +214,7 @@ class TestTrainOutput:
 
     def test_bad_setting_names_the_parameter(self, tmp_path, tiny_cache):
         result = run("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--lr", "-1")
-        assert_user_error(result, "'lr' parameter", "a number > 0", "-1")
+        assert_user_error(result, "--lr must be a float in (0, inf); got -1")
 
     def test_inspect_json_reports_the_cache(self, tiny_cache):
         result = run("inspect", tiny_cache, "--json")
