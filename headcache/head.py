@@ -212,7 +212,6 @@ class MLPHeadBank(HeadBank):
 
 # Name -> constructor (num_heads, in_dim, num_classes, hidden=None, dropout=None): every head there is.
 HEADS: dict[str, type[HeadBank]] = {"mlp": MLPHeadBank, "linear": LinearHeadBank}
-HEAD_NAMES = tuple(HEADS)
 
 
 def get_head(head: str | type[HeadBank] | HeadBank) -> type[HeadBank] | HeadBank:

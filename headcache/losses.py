@@ -71,7 +71,6 @@ LOSSES: dict[str, Callable[[Tensor, float], LossConstants]] = {
     "ce": ce_constants,
     "weighted-ce": weighted_ce_constants,
 }
-LOSS_NAMES = tuple(LOSSES)
 
 
 def get_loss(loss: str | LossConstants | Callable[[Tensor, float], LossConstants]
