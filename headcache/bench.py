@@ -45,9 +45,9 @@ from typing import Any, Callable
 import torch
 
 from headcache._version import __version__
-from headcache.config import TrainConfig
+from headcache.config import BenchConfig, TrainConfig
 from headcache.devices import resolve_device
-from headcache.errors import ConfigError, EquivalenceError
+from headcache.errors import EquivalenceError
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
 from headcache.spec import load_backbone, resolve_spec, spec_splits
@@ -158,7 +158,7 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
         Use only the first ``limit`` items of each split (a quicker bench;
         times per epoch scale with the items, so the ratios hold).
     key_map, trust_checkpoint :
-        As for `extract`.
+        As for `extract` (``key_map=None``: the prefix rewrite is detected).
     on_stage : callable, optional
         Called with a line before each stage.
 
@@ -172,10 +172,7 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
     >>> result = bench("seqsetvae", "demo/backbone.ckpt", spec_options={"data": "demo/data"})  # doctest: +SKIP
     >>> result.speedup_at(50)  # doctest: +SKIP
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"The 'epochs' parameter of bench must be an integer >= 1. Got {epochs!r} instead.")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"The 'limit' parameter of bench must be an integer >= 1 (or unset). Got {limit!r} instead.")
+    BenchConfig(epochs=epochs, limit=limit, dtype=dtype)  # checks them, before anything runs
     spec_text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
     if isinstance(spec, str):
         spec = resolve_spec(spec, spec_options)
@@ -192,7 +189,7 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
         cache = folder / "cache.h5"
         on_stage(f"extracting {train_split} and {val_split} (one backbone pass)")
         extracted = extract(spec, checkpoint, cache, ExtractConfig(
-            splits=(train_split, val_split), dtype=dtype, device=config.device, key_map=key_map or {},
+            splits=(train_split, val_split), dtype=dtype, device=config.device, key_map=key_map,
             trust_checkpoint=trust_checkpoint, overwrite=True))
         report = extracted.load_report
 

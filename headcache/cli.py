@@ -6,11 +6,15 @@ and the command exits with status 1; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
+import inspect
 import json
 import time
 import warnings
+from dataclasses import Field, fields
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +30,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from headcache.config import BenchConfig, CVConfig, ExtractConfig, TrainConfig, field_type
 from headcache.errors import ConfigError, HeadcacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -67,6 +72,80 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return pairs
 
 
+# ------------------------------------------------------------------------------------------ options from configs
+
+
+def config_options(cls: type, *, into: str, unset: bool = False, exclude: tuple[str, ...] = ()) -> Callable:
+    """Add one option per setting of the config dataclass ``cls`` to a command: the one options builder.
+
+    Each option's flag (``weight_decay`` -> ``--weight-decay``), type, choices,
+    default and help come from the setting's declaration in config.py, so the
+    command line restates nothing. The command receives the settings given as
+    the dict ``into``; with ``unset`` every option defaults to "not given" (it
+    is left out of the dict, so the config's default applies: sweep and cv
+    options over a base TrainConfig). Typer reads the command's signature, so
+    the options are added to it with `inspect.Signature`.
+    """
+    settings = [f for f in fields(cls) if f.name not in exclude]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {f.name: _plain(kwargs.pop(f.name)) for f in settings}
+            if unset:
+                given = {name: value for name, value in given.items() if value is not None}
+            return command(*args, **kwargs, **{into: given})
+
+        own = [p for p in signature.parameters.values() if p.name != into]
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_option(cls, f, unset),
+                                   annotation=_option_type(cls, f, unset)) for f in settings]
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        return wrapper
+
+    return decorate
+
+
+def _option_type(cls: type, setting: Field, unset: bool) -> Any:
+    """The option's Python type for Typer: an Enum of the choices, the field's number type, else text
+    (which the config parses, e.g. ``--memory-budget 4G`` or ``--splits train,val``)."""
+    kind, optional = field_type(cls, setting.name)
+    choices = setting.metadata["constraint"].choices
+    if choices is not None:
+        kind = enum.Enum(f"{cls.__name__}_{setting.name}", {c: c for c in choices}, type=str)
+    elif setting.metadata["parse"] is not None or kind not in (bool, int, float):
+        kind = str
+    return Optional[kind] if optional or unset or setting.default is None else kind
+
+
+def _option(cls: type, setting: Field, unset: bool) -> Any:
+    flag = "--" + setting.name.replace("_", "-")
+    help = setting.metadata["help"]
+    if unset:
+        shown = "unset" if setting.default is None else setting.default
+        return typer.Option(None, flag, help=f"{help} Default: as for train ({shown}).", show_default=False)
+    if setting.default is None:
+        return typer.Option(None, flag, help=help, show_default=False)
+    return typer.Option(setting.default, flag, help=help)
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as the config takes it (an Enum choice as its name)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _key_map(items: Optional[list[str]]) -> Optional[dict[str, str]]:
+    """--key-map items as a prefix map; none given: None, so the map is detected (checkpoint.detect_key_map)."""
+    from headcache.checkpoint import parse_key_map
+
+    return parse_key_map(items) if items else None
+
+
+_KEY_MAP = typer.Option(None, "--key-map", help="Checkpoint key prefix rewrite OLD=NEW (repeatable; default: "
+                        "detected from the checkpoint's keys).")
+
+
 class _Rate(ProgressColumn):
     """Sequences per second written by this run (rows found done when resuming are not counted)."""
 
@@ -104,40 +183,30 @@ def _extract_hooks(show: bool = True) -> Iterator[dict]:
 
 
 @app.command("extract")
+@config_options(ExtractConfig, into="settings", exclude=("key_map",))
 def extract_command(
     ctx: typer.Context,
     spec: str = typer.Option(..., help="Built-in spec name, package.module:function or file.py:function."),
     checkpoint: Path = typer.Option(..., help="The backbone's weights (.ckpt, .pt, .safetensors)."),
     out: Path = typer.Option(..., help="The cache file to write (.h5)."),
     spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
-    splits: Optional[str] = typer.Option(None, help="Comma-separated splits (default: all of the spec's)."),
-    batch_size: int = typer.Option(64, help="Sequences per forward pass."),
-    dtype: str = typer.Option("float16", help="Storage dtype of the tokens: float16 or float32."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
-    amp: Optional[str] = typer.Option(None, help="Mixed precision on CUDA: bf16 or fp16."),
-    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow full unpickling (only for files you trust)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing cache file."),
+    key_map: Optional[list[str]] = _KEY_MAP,
     plan: bool = typer.Option(False, "--plan", help="Estimate cache size, extraction time and break-even "
                               "from a small sample; print them and exit without writing."),
     shard: Optional[str] = typer.Option(None, help="I/N: extract part I of N into OUT.part-I-of-N beside --out "
                                         "(join the parts with headcache merge)."),
     keep_parts: bool = typer.Option(False, "--keep-parts", help="Under torchrun: keep the part files after the "
                                     "merge."),
+    settings: dict = None,
 ) -> None:
     """Run the backbone once over the spec's splits and write the HDF5 cache (under torchrun: one shard per
     process, merged by rank 0)."""
-    from headcache.checkpoint import parse_key_map
+    from headcache.config import config_from_values
     from headcache.distributed import extract_distributed, extract_shard, parse_shard, torchrun_world
-    from headcache.extract import ExtractConfig, extract, plan_extraction
+    from headcache.extract import extract, plan_extraction
 
     with _user_errors(ctx):
-        config = ExtractConfig(splits=tuple(splits.split(",")) if splits else None, batch_size=batch_size,
-                               dtype=dtype, device=device, num_workers=num_workers, amp=amp,
-                               key_map=parse_key_map(key_map), trust_checkpoint=trust_checkpoint,
-                               overwrite=overwrite)
+        config = config_from_values(ExtractConfig, {**settings, "key_map": _key_map(key_map)})
         if plan:
             console.print(plan_extraction(spec, checkpoint, config, spec_options=_pairs(spec_opt, "--spec-opt"))
                           .summary(), highlight=False)
@@ -224,18 +293,6 @@ def inspect_command(
 # ------------------------------------------------------------------------------------------ train
 
 
-def _train_options(pool: str, head: str, loss: Optional[str], lr: float, weight_decay: float, epochs: int,
-                   batch_size: int, patience: int, seed: int, device: str, dropout: float,
-                   hidden: Optional[int], val_split: Optional[str], test_split: str,
-                   memory_budget: Optional[str] = None):
-    from headcache.config import TrainConfig, parse_bytes
-
-    return TrainConfig(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                       batch_size=batch_size, patience=patience, seed=seed, device=device, dropout=dropout,
-                       hidden=hidden, val_split=val_split, test_split=test_split,
-                       memory_budget=parse_bytes(memory_budget) if memory_budget else None)
-
-
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
     table = Table("split", "AUROC (95% CI)", "AUPRC (95% CI)", "accuracy", "F1", "balanced acc.", title=title)
     for split, m in metrics.items():
@@ -261,36 +318,21 @@ def _epoch_printer(prefix: str = ""):
 
 
 @app.command("train")
+@config_options(TrainConfig, into="settings")
 def train_command(
     ctx: typer.Context,
     cache: Path = typer.Option(..., help="The cache file written by extract."),
     out: Path = typer.Option(..., help="The run directory to write."),
-    pool: str = typer.Option("meanq", help="meanq, meanq_scaled, learned, mean, max or last."),
-    head: str = typer.Option("mlp", help="mlp or linear."),
-    loss: Optional[str] = typer.Option(None, help="focal, ce or weighted-ce (default: focal for 2 classes)."),
-    lr: float = typer.Option(5e-4),
-    weight_decay: float = typer.Option(1e-3),
-    epochs: int = typer.Option(50),
-    batch_size: int = typer.Option(16),
-    patience: int = typer.Option(8),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    dropout: float = typer.Option(0.1),
-    hidden: Optional[int] = typer.Option(None, help="mlp width (default: hidden_dim // 2)."),
-    val_split: Optional[str] = typer.Option(None, help="Default: the cache's val or valid split."),
-    test_split: str = typer.Option("test"),
-    memory_budget: Optional[str] = typer.Option(None, help="Memory the token cache may take on the device, "
-                                                "e.g. 4G (default: half of what is free); beyond it, "
-                                                "tokens are streamed from the file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
+    settings: dict = None,
 ) -> None:
     """Train one pooling + head from the cache and write its run directory."""
+    from headcache.config import config_from_options
     from headcache.train import train
 
     with _user_errors(ctx):
-        config = _train_options(pool, head, loss, lr, weight_decay, epochs, batch_size, patience, seed, device,
-                                dropout, hidden, val_split, test_split, memory_budget)
+        config = config_from_options(settings)
         result = train(cache, out, config, overwrite=overwrite, on_epoch=None if quiet else _epoch_printer())
         console.print(_metrics_table(f"best epoch {result.result.best_epoch} (of {result.result.epochs_run})",
                                      result.metrics))
@@ -352,34 +394,30 @@ def _bench_table(result) -> Table:
 
 
 @app.command("bench")
+@config_options(BenchConfig, into="bench_settings")
+@config_options(TrainConfig, into="settings", exclude=("epochs", "patience"))  # bench sets both
 def bench_command(
     ctx: typer.Context,
     spec: str = typer.Option(..., help="Built-in spec name, package.module:function or file.py:function."),
     checkpoint: Path = typer.Option(..., help="The backbone's weights (.ckpt, .pt, .safetensors)."),
     spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
-    epochs: int = typer.Option(3, help="Epochs timed on each path."),
     out: Path = typer.Option(Path("cache/bench"), help="Folder for bench.json, bench.png and the cache."),
-    pool: str = typer.Option("meanq", help="meanq, meanq_scaled, learned, mean, max or last."),
-    head: str = typer.Option("mlp", help="mlp or linear."),
-    batch_size: int = typer.Option(16),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("float16", help="Storage dtype of the cache: float16 or float32."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N items of each split (quicker)."),
-    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
+    key_map: Optional[list[str]] = _KEY_MAP,
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow full unpickling (only for files you trust)."),
+    settings: dict = None,
+    bench_settings: dict = None,
 ) -> None:
     """Time end-to-end training against extraction + training from the cache, same head and batches."""
     from headcache.bench import bench
-    from headcache.checkpoint import parse_key_map
-    from headcache.config import TrainConfig
+    from headcache.config import config_from_options, config_from_values
 
     with _user_errors(ctx):
-        config = TrainConfig(pool=pool, head=head, batch_size=batch_size, seed=seed, device=device)
-        result = bench(spec, checkpoint, epochs=epochs, out=out, config=config,
-                       spec_options=_pairs(spec_opt, "--spec-opt"), dtype=dtype, limit=limit,
-                       key_map=parse_key_map(key_map), trust_checkpoint=trust_checkpoint,
+        config = config_from_options(settings)
+        own = config_from_values(BenchConfig, bench_settings)
+        result = bench(spec, checkpoint, epochs=own.epochs, out=out, config=config,
+                       spec_options=_pairs(spec_opt, "--spec-opt"), dtype=own.dtype, limit=own.limit,
+                       key_map=_key_map(key_map), trust_checkpoint=trust_checkpoint,
                        on_stage=lambda stage: console.print(f"[bold]{stage}[/bold]", highlight=False))
         console.print(_bench_table(result))
         console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", highlight=False)
@@ -396,18 +434,17 @@ def export_command(
     run: Path = typer.Option(..., help="A run directory (train or sweep)."),
     out: Path = typer.Option(..., help="The model file to write."),
     spec_opt: list[str] = typer.Option([], help="Option for the spec factory, key=value (repeatable)."),
-    key_map: list[str] = typer.Option([], help="Checkpoint key prefix rewrite OLD=NEW (repeatable)."),
+    key_map: Optional[list[str]] = _KEY_MAP,
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow full unpickling (only for files you trust)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model file."),
 ) -> None:
     """Write backbone + pool + the run's best head as one deployable model."""
-    from headcache.checkpoint import parse_key_map
     from headcache.export import export
 
     with _user_errors(ctx):
         result = export(spec, checkpoint, run, out, spec_options=_pairs(spec_opt, "--spec-opt"),
-                        key_map=parse_key_map(key_map), trust=trust_checkpoint, overwrite=overwrite)
+                        key_map=_key_map(key_map), trust=trust_checkpoint, overwrite=overwrite)
         console.print(f"wrote {result.path}: backbone {result.backbone_fingerprint[:12]}, head of epoch "
                       f"{result.head_epoch}", highlight=False)
 
@@ -434,24 +471,8 @@ def predict_command(
 
 # ------------------------------------------------------------------------------------------ sweep, cv
 
-# The train options of sweep and cv default to None: "not given", so TrainConfig's defaults apply (one place).
-_POOL = typer.Option(None, help="meanq, meanq_scaled, learned, mean, max or last (default: as for train).")
-_HEAD = typer.Option(None, help="mlp or linear (default: as for train).")
-_LOSS = typer.Option(None, help="focal, ce or weighted-ce (default: focal for 2 classes).")
-_HIDDEN = typer.Option(None, help="mlp width (default: hidden_dim // 2).")
-_VAL_SPLIT = typer.Option(None, help="Default: the cache's val or valid split.")
-_MEMORY_BUDGET = typer.Option(None, help="Memory the token cache may take on the device, e.g. 4G "
-                              "(default: as for train).")
 _GRID = typer.Option([], "--grid", help="KEY=V1,V2,... over any train option (repeatable).")
 _SEEDS = typer.Option("0", help="Comma-separated seeds; every grid point is trained once per seed.")
-_AS_TRAIN = "Default: as for train."
-
-
-def _base_config(**options):
-    """A TrainConfig from the train options given on the command line (the others keep TrainConfig's defaults)."""
-    from headcache.config import config_from_options
-
-    return config_from_options({key: value for key, value in options.items() if value is not None})
 
 
 def _grid(items: list[str]) -> dict[str, list[str]]:
@@ -500,38 +521,25 @@ def _bank_printer():
 
 
 @app.command("sweep")
+@config_options(TrainConfig, into="settings", unset=True, exclude=("seed",))  # --seeds seeds the heads
 def sweep_command(
     ctx: typer.Context,
     cache: Path = typer.Option(..., help="The cache file written by extract."),
     out: Path = typer.Option(..., help="The sweep directory to write."),
     grid: list[str] = _GRID,
     seeds: str = _SEEDS,
-    pool: Optional[str] = _POOL,
-    head: Optional[str] = _HEAD,
-    loss: Optional[str] = _LOSS,
-    lr: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    weight_decay: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    epochs: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    batch_size: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    patience: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    device: Optional[str] = typer.Option(None, help=_AS_TRAIN),
-    dropout: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    hidden: Optional[int] = _HIDDEN,
-    val_split: Optional[str] = _VAL_SPLIT,
-    test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
-    memory_budget: Optional[str] = _MEMORY_BUDGET,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a sweep directory that holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
+    settings: dict = None,
 ) -> None:
     """Train a grid of heads (x seeds), those that can as one batched computation; print the leaderboard."""
     from rich.table import Column
 
+    from headcache.config import config_from_options
     from headcache.sweep import sweep
 
     with _user_errors(ctx):
-        base = _base_config(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                            batch_size=batch_size, patience=patience, device=device, dropout=dropout, hidden=hidden,
-                            val_split=val_split, test_split=test_split, memory_budget=memory_budget)
+        base = config_from_options(settings)
         result = sweep(cache, out, _grid(grid), seeds=_seeds(seeds), base=base, overwrite=overwrite,
                        on_epoch=None if quiet else _bank_printer())
         table = Table("#", Column("run", overflow="fold"), "best epoch", "val AUROC (95% CI)", "val AUPRC (95% CI)",
@@ -547,42 +555,33 @@ def sweep_command(
 
 
 @app.command("cv")
+@config_options(CVConfig, into="cv_settings")
+# --seeds seeds the heads; the folds take the place of the train and val splits
+@config_options(TrainConfig, into="settings", unset=True, exclude=("seed", "train_split", "val_split"))
 def cv_command(
     ctx: typer.Context,
     cache: Path = typer.Option(..., help="The cache file written by extract."),
     out: Path = typer.Option(..., help="The cross-validation directory to write."),
-    folds: int = typer.Option(5, help="K of the stratified K-fold."),
     splits: Optional[str] = typer.Option(None, help="Comma-separated splits joined and cut into folds "
                                          "(default: the train split and the cache's val split)."),
     grid: list[str] = _GRID,
     seeds: str = typer.Option("0", help="Comma-separated seeds; each cuts its own folds (repeated K-fold)."),
     refit: bool = typer.Option(False, "--refit",
                                help="Also train on all folds for the mean best epoch count; score on test."),
-    pool: Optional[str] = _POOL,
-    head: Optional[str] = _HEAD,
-    loss: Optional[str] = _LOSS,
-    lr: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    weight_decay: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    epochs: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    batch_size: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    patience: Optional[int] = typer.Option(None, help=_AS_TRAIN),
-    device: Optional[str] = typer.Option(None, help=_AS_TRAIN),
-    dropout: Optional[float] = typer.Option(None, help=_AS_TRAIN),
-    hidden: Optional[int] = _HIDDEN,
-    test_split: Optional[str] = typer.Option(None, help=_AS_TRAIN),
-    memory_budget: Optional[str] = _MEMORY_BUDGET,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a directory that holds files."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
+    settings: dict = None,
+    cv_settings: dict = None,
 ) -> None:
     """Stratified K-fold cross-validation, all folds as one batched computation; print mean ± std and CIs."""
     from rich.table import Column
 
+    from headcache.config import config_from_options, config_from_values
     from headcache.cv import cross_validate
 
     with _user_errors(ctx):
-        base = _base_config(pool=pool, head=head, loss=loss, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                            batch_size=batch_size, patience=patience, device=device, dropout=dropout, hidden=hidden,
-                            test_split=test_split, memory_budget=memory_budget)
+        base = config_from_options(settings)
+        folds = config_from_values(CVConfig, cv_settings).folds
         result = cross_validate(cache, out, folds=folds, splits=splits.split(",") if splits else None, base=base,
                                 grid=_grid(grid), seeds=_seeds(seeds), refit=refit, overwrite=overwrite,
                                 on_epoch=None if quiet else _bank_printer())

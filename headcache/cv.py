@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from headcache.config import TrainConfig
+from headcache.config import CVConfig, TrainConfig
 from headcache.errors import ConfigError
 from headcache.metrics import bootstrap_intervals, classification_metrics
 from headcache.rundir import (
@@ -138,8 +138,7 @@ def cross_validate(cache: str | Path, out: str | Path, *, folds: int = 5, splits
         Bad folds, splits, grid or seeds (checked before anything trains).
     """
     started = time.perf_counter()
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ConfigError(f"The 'folds' parameter must be an integer >= 2. Got {folds!r} instead.")
+    CVConfig(folds=folds)  # checks it, before anything trains
     configs = expand_grid(grid, seeds, base, refuse=CV_SPLIT_KEYS)
     sources = FeatureSources(cache)
     first = sources(configs[0].config)

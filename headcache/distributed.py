@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from headcache.errors import CacheError, ConfigError, HeadcacheError, OutputExistsError
-from headcache.extract import ExtractConfig, ExtractResult, extract
+from headcache.config import ExtractConfig
+from headcache.extract import ExtractResult, extract
 from headcache.spec import resolve_spec
 from headcache.store import CacheReader, CacheWriter
 

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,14 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
+from headcache.config import AMP_DTYPES, ExtractConfig  # ExtractConfig re-exported: it lived here
 from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, DataError, NonFiniteError
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.spec import load_backbone, resolve_spec, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
 
-DTYPES = ("float16", "float32")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
 PADDING_TOLERANCE = 1e-4
@@ -46,35 +45,6 @@ PADDING_TOLERANCE = 1e-4
 
 class PaddingInvarianceWarning(UserWarning):
     """spec.encode gave a sequence different states alone and in a batch (NOTE [ Padding invariance ])."""
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of one extraction."""
-
-    splits: tuple[str, ...] | None = None  # None: all of the spec's splits
-    batch_size: int = 64
-    dtype: str = "float16"
-    device: str = "auto"
-    num_workers: int = 0
-    amp: str | None = None
-    key_map: dict[str, str] = field(default_factory=dict)
-    trust_checkpoint: bool = False
-    overwrite: bool = False
-    write_block: int = 256  # sequences per HDF5 write
-
-    def __post_init__(self) -> None:
-        checks = {
-            "batch_size": ("an integer >= 1", isinstance(self.batch_size, int) and self.batch_size >= 1),
-            "dtype": (f"one of {', '.join(DTYPES)}", self.dtype in DTYPES),
-            "num_workers": ("an integer >= 0", isinstance(self.num_workers, int) and self.num_workers >= 0),
-            "amp": (f"one of {', '.join(AMP_DTYPES)} (or unset)", self.amp is None or self.amp in AMP_DTYPES),
-            "write_block": ("an integer >= 1", isinstance(self.write_block, int) and self.write_block >= 1),
-        }
-        for name, (allowed, ok) in checks.items():
-            if not ok:
-                raise ConfigError(f"The '{name}' parameter of ExtractConfig must be {allowed}. "
-                                  f"Got {getattr(self, name)!r} instead.")
 
 
 @dataclass

@@ -27,22 +27,15 @@ from torch import Tensor, nn
 from headcache.errors import ConfigError
 from headcache.pooling import LearnedQueryPool, TokenBatch
 
-HEAD_NAMES = ("mlp", "linear")
 BATCHNORM_MOMENTUM = 0.1
 BATCHNORM_EPS = 1e-5
 
 
-def check_head_name(name: str) -> None:
-    if name not in HEAD_NAMES:
-        raise ConfigError(f"head must be one of {', '.join(HEAD_NAMES)}; got {name!r}")
-
-
 class HeadBank(nn.Module):
-    """K heads of one kind and width, stored as stacked tensors.
+    """K heads of one kind and width, stored as stacked tensors (the kinds are the subclasses in HEADS).
 
     Parameters
     ----------
-    kind : {"mlp", "linear"}
     num_heads : int
         K.
     in_dim : int
@@ -50,24 +43,102 @@ class HeadBank(nn.Module):
     num_classes : int
         C.
     hidden : int, optional
-        H for the mlp head (default D // 2).
+        H for the mlp head (default D // 2; the linear head takes and ignores it, so that every
+        constructor in HEADS is called the same way).
     dropout : sequence of float, optional
         Dropout probability per head (mlp only; default 0.1 each).
     """
 
-    def __init__(self, kind: str, num_heads: int, in_dim: int, num_classes: int,
-                 hidden: int | None = None, dropout: list[float] | None = None):
+    kind: str  # its name in HEADS
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int):
         super().__init__()
-        check_head_name(kind)
-        self.kind = kind
         self.num_heads, self.in_dim, self.num_classes = num_heads, in_dim, num_classes
+
+    def reset_parameters(self, generators: list[torch.Generator]) -> None:
+        """Xavier-uniform weights and zero biases, head k drawn from generators[k]."""
+        with torch.no_grad():
+            for k, generator in enumerate(generators):
+                for weight in self._weights():
+                    fan_in, fan_out = weight.shape[1], weight.shape[2]
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))
+                    weight[k].uniform_(-bound, bound, generator=generator)
+            for name, param in self.named_parameters():
+                if name.startswith("b_"):
+                    param.zero_()
+
+    def _weights(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        """x (B, D) shared by all heads or (K, B, D) -> logits (K, B, C).
+
+        In training mode the mlp head's dropout masks come from ``generators``
+        (one per head), never from the global random state.
+        """
+        raise NotImplementedError
+
+    def export(self, k: int) -> nn.Sequential:
+        """Head k as plain modules, in eval mode, for deployment."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x (B, D) shared or (K, B, D), weight (K, D, H) -> (K, B, H).
+
+        A shared x is expanded (a view, no copy), so both cases are one bmm whose
+        per-head products do not depend on K (einsum folds the heads into one
+        wider matmul instead, at twice the time for K = 32 on a CPU).
+        """
+        out = torch.bmm(x.expand(weight.shape[0], -1, -1) if x.dim() == 2 else x, weight)
+        return out if bias is None else out + bias.unsqueeze(1)
+
+    def head_state(self, k: int) -> dict[str, Tensor]:
+        """Head k's slice of every tensor (a copy), to keep the best weights."""
+        return {name: t[k].detach().clone() for name, t in self.state_dict().items()}
+
+    def load_head_state(self, k: int, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                tensor[k].copy_(state[name])
+
+
+class LinearHeadBank(HeadBank):
+    """K heads Linear(D, C)."""
+
+    kind = "linear"
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int, hidden: int | None = None,
+                 dropout: list[float] | None = None):
+        super().__init__(num_heads, in_dim, num_classes)
+        self.hidden = 0
+        self.w_out = nn.Parameter(torch.zeros(num_heads, in_dim, num_classes))
+        self.b_out = nn.Parameter(torch.zeros(num_heads, num_classes))
+        self.register_buffer("dropout_p", torch.zeros(num_heads))
+
+    def _weights(self) -> list[Tensor]:
+        return [self.w_out]
+
+    def forward(self, x: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        return self._linear(x, self.w_out, self.b_out)
+
+    def export(self, k: int) -> nn.Sequential:
+        with torch.no_grad():
+            out = nn.Linear(self.in_dim, self.num_classes)
+            out.weight.copy_(self.w_out[k].T)
+            out.bias.copy_(self.b_out[k])
+            return nn.Sequential(out).eval()
+
+
+class MLPHeadBank(HeadBank):
+    """K of the seed's heads: Linear(D, H, no bias) -> BatchNorm1d -> ReLU -> Dropout -> Linear(H, C)."""
+
+    kind = "mlp"
+
+    def __init__(self, num_heads: int, in_dim: int, num_classes: int, hidden: int | None = None,
+                 dropout: list[float] | None = None):
+        super().__init__(num_heads, in_dim, num_classes)
         k = num_heads
-        if kind == "linear":
-            self.hidden = 0
-            self.w_out = nn.Parameter(torch.zeros(k, in_dim, num_classes))
-            self.b_out = nn.Parameter(torch.zeros(k, num_classes))
-            self.register_buffer("dropout_p", torch.zeros(k))
-            return
         self.hidden = hidden or in_dim // 2
         h = self.hidden
         self.w_in = nn.Parameter(torch.zeros(k, in_dim, h))
@@ -80,51 +151,24 @@ class HeadBank(nn.Module):
         p = torch.tensor(dropout if dropout is not None else [0.1] * k, dtype=torch.float32)
         self.register_buffer("dropout_p", p)
 
-    def reset_parameters(self, generators: list[torch.Generator]) -> None:
-        """Xavier-uniform weights and zero biases, head k drawn from generators[k]."""
-        with torch.no_grad():
-            for k, generator in enumerate(generators):
-                for weight in self._weights():
-                    fan_in, fan_out = weight.shape[1], weight.shape[2]
-                    bound = math.sqrt(6.0 / (fan_in + fan_out))
-                    weight[k].uniform_(-bound, bound, generator=generator)
-            for name, param in self.named_parameters():
-                if name.startswith("b_") or name == "bn_bias":
-                    param.zero_()
-                elif name == "bn_weight":
-                    param.fill_(1.0)
-            if self.kind == "mlp":
-                self.running_mean.zero_()
-                self.running_var.fill_(1.0)
-
     def _weights(self) -> list[Tensor]:
-        return [self.w_out] if self.kind == "linear" else [self.w_in, self.w_out]
+        return [self.w_in, self.w_out]
+
+    def reset_parameters(self, generators: list[torch.Generator]) -> None:
+        super().reset_parameters(generators)
+        with torch.no_grad():
+            self.bn_weight.fill_(1.0)
+            self.bn_bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
 
     def forward(self, x: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
-        """x (B, D) shared by all heads or (K, B, D) -> logits (K, B, C).
-
-        In training mode the mlp head's dropout masks come from ``generators``
-        (one per head), never from the global random state.
-        """
-        if self.kind == "linear":
-            return self._linear(x, self.w_out, self.b_out)
         z = self._linear(x, self.w_in)
         z = self._batch_norm(z)
         z = torch.relu(z)
         if self.training:
             z = z * self._dropout_mask(z, generators)
         return self._linear(z, self.w_out, self.b_out)
-
-    @staticmethod
-    def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """x (B, D) shared or (K, B, D), weight (K, D, H) -> (K, B, H).
-
-        A shared x is expanded (a view, no copy), so both cases are one bmm whose
-        per-head products do not depend on K (einsum folds the heads into one
-        wider matmul instead, at twice the time for K = 32 on a CPU).
-        """
-        out = torch.bmm(x.expand(weight.shape[0], -1, -1) if x.dim() == 2 else x, weight)
-        return out if bias is None else out + bias.unsqueeze(1)
 
     def _batch_norm(self, z: Tensor) -> Tensor:
         if self.training:
@@ -151,13 +195,7 @@ class HeadBank(nn.Module):
         return (uniform < keep) / keep
 
     def export(self, k: int) -> nn.Sequential:
-        """Head k as plain modules, in eval mode, for deployment."""
         with torch.no_grad():
-            if self.kind == "linear":
-                out = nn.Linear(self.in_dim, self.num_classes)
-                out.weight.copy_(self.w_out[k].T)
-                out.bias.copy_(self.b_out[k])
-                return nn.Sequential(out).eval()
             first = nn.Linear(self.in_dim, self.hidden, bias=False)
             first.weight.copy_(self.w_in[k].T)
             norm = nn.BatchNorm1d(self.hidden, eps=BATCHNORM_EPS, momentum=BATCHNORM_MOMENTUM)
@@ -171,14 +209,24 @@ class HeadBank(nn.Module):
             p = float(self.dropout_p[k])
             return nn.Sequential(first, norm, nn.ReLU(), nn.Dropout(p), out).eval()
 
-    def head_state(self, k: int) -> dict[str, Tensor]:
-        """Head k's slice of every tensor (a copy), to keep the best weights."""
-        return {name: t[k].detach().clone() for name, t in self.state_dict().items()}
 
-    def load_head_state(self, k: int, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for name, tensor in self.state_dict().items():
-                tensor[k].copy_(state[name])
+# Name -> constructor (num_heads, in_dim, num_classes, hidden=None, dropout=None): every head there is.
+HEADS: dict[str, type[HeadBank]] = {"mlp": MLPHeadBank, "linear": LinearHeadBank}
+
+
+def get_head(head: str | type[HeadBank] | HeadBank) -> type[HeadBank] | HeadBank:
+    """The constructor of a head by name (``--head``); a HeadBank class or object passes through.
+
+    Raises
+    ------
+    ConfigError
+        An unknown name; the message lists the valid ones.
+    """
+    if isinstance(head, HeadBank) or (isinstance(head, type) and issubclass(head, HeadBank)):
+        return head
+    if head not in HEADS:
+        raise ConfigError(f"--head must be one of {', '.join(HEADS)}; got {head!r}")
+    return HEADS[head]
 
 
 class HeadModel(nn.Module):

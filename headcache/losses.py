@@ -16,6 +16,7 @@ they are computed in `loss_constants`, not stored in the config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +24,8 @@ from torch import Tensor
 
 from headcache.errors import ConfigError
 
-LOSS_NAMES = ("focal", "ce", "weighted-ce")
 FOCAL_ALPHA_RANGE = (0.25, 0.7)
 PROB_EPS = 1e-8
-
-
-def check_loss_name(name: str, num_classes: int) -> None:
-    if name not in LOSS_NAMES:
-        raise ConfigError(f"loss must be one of {', '.join(LOSS_NAMES)}; got {name!r}")
-    if name == "focal" and num_classes != 2:
-        raise ConfigError(
-            f"loss 'focal' is for two classes; this cache has {num_classes}: use --loss ce or weighted-ce"
-        )
 
 
 def default_loss(num_classes: int) -> str:
@@ -54,17 +45,57 @@ class LossConstants:
                 "weighted_mean": self.weighted_mean}
 
 
-def loss_constants(name: str, train_labels: Tensor, num_classes: int, focal_gamma: float = 3.0) -> LossConstants:
-    """Derive a loss's constants from the labels it will train on."""
-    check_loss_name(name, num_classes)
-    counts = torch.bincount(train_labels.cpu(), minlength=num_classes).double()
-    if name == "focal":
-        alpha = float((counts[1] / counts.sum()).clamp(*FOCAL_ALPHA_RANGE))
-        return LossConstants((1.0 - alpha, alpha), float(focal_gamma), False)
-    if name == "ce":
-        return LossConstants((1.0,) * num_classes, 0.0, False)
-    weights = counts.sum() / (num_classes * counts.clamp(min=1))
+def focal_constants(counts: Tensor, focal_gamma: float) -> LossConstants:
+    """The seed's focal loss: positives weighted by their clamped ratio in the train labels."""
+    if len(counts) != 2:
+        raise ConfigError(f"--loss focal is for two classes; this cache has {len(counts)}: use --loss ce or "
+                          "weighted-ce")
+    alpha = float((counts[1] / counts.sum()).clamp(*FOCAL_ALPHA_RANGE))
+    return LossConstants((1.0 - alpha, alpha), float(focal_gamma), False)
+
+
+def ce_constants(counts: Tensor, focal_gamma: float) -> LossConstants:
+    """Plain cross-entropy (``focal_gamma`` does not apply)."""
+    return LossConstants((1.0,) * len(counts), 0.0, False)
+
+
+def weighted_ce_constants(counts: Tensor, focal_gamma: float) -> LossConstants:
+    """Cross-entropy with class weights N / (C * N_c), normalised as torch's weighted cross-entropy."""
+    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
     return LossConstants(tuple(float(w) for w in weights), 0.0, True)
+
+
+# Name -> constructor (class counts of the train labels, focal_gamma) -> LossConstants: every loss there is.
+LOSSES: dict[str, Callable[[Tensor, float], LossConstants]] = {
+    "focal": focal_constants,
+    "ce": ce_constants,
+    "weighted-ce": weighted_ce_constants,
+}
+
+
+def get_loss(loss: str | LossConstants | Callable[[Tensor, float], LossConstants]
+             ) -> LossConstants | Callable[[Tensor, float], LossConstants]:
+    """The constructor of a loss by name (``--loss``); built constants or a constructor pass through.
+
+    Raises
+    ------
+    ConfigError
+        An unknown name; the message lists the valid ones.
+    """
+    if isinstance(loss, LossConstants) or callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+    return LOSSES[loss]
+
+
+def loss_constants(name: str | LossConstants, train_labels: Tensor, num_classes: int,
+                   focal_gamma: float = 3.0) -> LossConstants:
+    """Derive a loss's constants from the labels it will train on (built constants are returned as they are)."""
+    loss = get_loss(name)
+    if isinstance(loss, LossConstants):
+        return loss
+    return loss(torch.bincount(train_labels.cpu(), minlength=num_classes).double(), focal_gamma)
 
 
 def stacked_loss(logits: Tensor, labels: Tensor, class_weights: Tensor, gamma: Tensor,

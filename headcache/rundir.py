@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from headcache.config import TrainConfig
 from headcache.errors import OutputExistsError
-from headcache.head import HeadBank, HeadModel
+from headcache.head import HeadModel, get_head
 from headcache.pooling import LearnedQueryPool, is_learnable
 
 if TYPE_CHECKING:  # for type hints only: the loop sits above this module
@@ -89,7 +89,7 @@ def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, hid
 def head_from_checkpoint(checkpoint: dict) -> nn.Module:
     """Rebuild a trained pool + head (eval mode) from a head file's contents."""
     config = TrainConfig(**checkpoint["config"])
-    bank = HeadBank(config.head, 1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
+    bank = get_head(config.head)(1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
                     [config.dropout])
     pool = LearnedQueryPool(1, checkpoint["hidden_dim"]) if is_learnable(config.pool) else None
     model = HeadModel(bank, pool)

@@ -30,7 +30,7 @@ from headcache.config import TrainConfig
 from headcache.devices import resolve_device
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
-from headcache.head import HeadBank, HeadModel
+from headcache.head import HeadModel, get_head
 from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
 from headcache.optim import StackedAdamW, clip_per_head
@@ -121,7 +121,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     # -- model: stacked heads (and learned pools), each initialised from its own generator
     init_generators = [torch.Generator().manual_seed(s[0]) for s in seeds]
     pool = LearnedQueryPool(k_heads, hidden_dim) if is_learnable(first.pool) else None
-    bank = HeadBank(first.head, k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
+    bank = get_head(first.head)(k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
     if pool is not None:
         pool.reset_parameters(init_generators)
     bank.reset_parameters(init_generators)

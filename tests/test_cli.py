@@ -6,19 +6,26 @@ traceback (unless --debug), and nothing already written damaged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import numbers
 import shutil
 from pathlib import Path
+from typing import Optional
 
+import click
 import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import typer
+from conftest import TOY
 from typer.testing import CliRunner
 
-from conftest import TOY
-from headcache.cli import app
+from headcache.cli import app, config_options
+from headcache.config import BenchConfig, Interval, Options, OrNone, TrainConfig, flag_name, setting
+from headcache.pooling import LEARNABLE_POOLS, PARAMETER_FREE_POOLS
 from headcache.store import CacheReader, CacheWriter
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that table cells do not wrap
@@ -214,7 +221,7 @@ class TestTrainOutput:
 
     def test_bad_setting_names_the_parameter(self, tmp_path, tiny_cache):
         result = run("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--lr", "-1")
-        assert_user_error(result, "'lr' parameter", "a number > 0", "-1")
+        assert_user_error(result, "--lr must be a float in (0, inf); got -1")
 
     def test_inspect_json_reports_the_cache(self, tiny_cache):
         result = run("inspect", tiny_cache, "--json")
@@ -249,3 +256,74 @@ def _write_cache(path: Path, labels: dict[str, list[int]], dim: int = 4) -> None
             pooled = {"meanq": np.stack([t.mean(0) for t in tokens])}
             splits[name].write(tokens, np.array(y), [f"{name}{i}" for i in range(len(y))], pooled)
             splits[name].finish()
+
+
+class TestOptionsFromConfigs:
+    """The options of train, sweep, cv, bench and extract come from the config dataclasses and the registries."""
+
+    @staticmethod
+    def _params(command: str) -> dict[str, click.Parameter]:
+        return {param.opts[0]: param for param in typer.main.get_command(app).commands[command].params}
+
+    def test_every_train_setting_is_a_train_flag_with_the_configs_default(self):
+        params = self._params("train")
+        for f in dataclasses.fields(TrainConfig):
+            assert params[flag_name(f.name)].default == f.default, f.name
+
+    @pytest.mark.parametrize("command", ["sweep", "cv"])
+    def test_sweep_and_cv_options_default_to_not_given(self, command):
+        params = self._params(command)
+        given = [f.name for f in dataclasses.fields(TrainConfig) if flag_name(f.name) in params]
+        assert {"pool", "lr", "min_delta", "grad_clip", "focal_gamma", "memory_budget"} <= set(given)
+        assert all(params[flag_name(name)].default is None for name in given)
+
+    def test_bench_takes_the_head_settings_and_its_own(self):
+        params = self._params("bench")
+        assert params["--epochs"].default == BenchConfig().epochs and params["--limit"].default is None
+        assert params["--lr"].default == TrainConfig().lr and "--patience" not in params
+
+    @pytest.mark.parametrize("command", ["train", "sweep", "cv", "bench"])
+    def test_pool_choices_shown_are_the_pool_registry(self, command):
+        shown = "|".join(list(PARAMETER_FREE_POOLS) + list(LEARNABLE_POOLS))
+        assert shown in run(command, "--help").output
+
+    def test_an_unknown_pool_is_refused_listing_the_registry(self, tmp_path, tiny_cache):
+        result = run("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--pool", "attn")
+        assert result.exit_code == 2 and "Invalid value for '--pool'" in result.output
+        assert "meanq_scaled" in result.output and not (tmp_path / "run").exists()
+
+    def test_the_flags_train_lacked_reach_the_run_config(self, tmp_path, tiny_cache):
+        result = run("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu",
+                     "--min-delta", "0.01", "--grad-clip", "0.5", "--focal-gamma", "2", "--train-split", "train",
+                     "--test-split", "none", "--memory-budget", "64M", "--quiet")
+        assert result.exit_code == 0, result.output
+        config = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+        assert (config["min_delta"], config["grad_clip"], config["focal_gamma"], config["test_split"],
+                config["memory_budget"]) == (0.01, 0.5, 2.0, None, 64 << 20)
+
+    def test_the_builder_adds_one_option_per_setting_and_passes_what_was_given(self):
+        @dataclasses.dataclass(frozen=True)
+        class Toy:
+            rate: float = setting(0.5, Interval(numbers.Real, 0, None, closed="neither"), "A rate.")
+            kind: str = setting("a", Options(("a", "b")), "A kind.")
+            width: Optional[int] = setting(None, OrNone(Interval(numbers.Integral, 1, None, closed="left")), "W.")
+
+        seen = []
+        toy = typer.Typer()
+
+        @toy.command()
+        @config_options(Toy, into="given")
+        def go(name: str = typer.Option("x"), given: dict = None) -> None:
+            seen.append((name, given))
+
+        @toy.command()
+        @config_options(Toy, into="given", unset=True, exclude=("width",))
+        def later(given: dict = None) -> None:
+            seen.append(given)
+
+        assert CliRunner().invoke(toy, ["go", "--rate", "2", "--kind", "b"]).exit_code == 0
+        assert CliRunner().invoke(toy, ["later", "--kind", "a"]).exit_code == 0
+        assert seen == [("x", {"rate": 2.0, "kind": "b", "width": None}), {"kind": "a"}]
+        refused = CliRunner().invoke(toy, ["go", "--kind", "c"])
+        assert refused.exit_code == 2 and "'c' is not one of 'a', 'b'" in refused.output
+        assert "--width" not in CliRunner().invoke(toy, ["later", "--help"]).output

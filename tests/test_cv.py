@@ -140,7 +140,7 @@ class TestResults:
 
 class TestErrors:
     @pytest.mark.parametrize("kwargs,message", [
-        ({"folds": 1}, "'folds' parameter must be an integer >= 2"),
+        ({"folds": 1}, r"--folds must be an int in \[2, inf\); got 1"),
         ({"folds": 500}, "has only .* items, fewer than the folds; lower --folds"),
         ({"splits": ["train", "nope"]}, "no split 'nope'"),
         ({"splits": ["train", "train"]}, "distinct splits"),
@@ -166,7 +166,7 @@ class TestCommand:
         assert len(list((tmp_path / "cv" / "refit").iterdir())) == 2
 
     @pytest.mark.parametrize("args,message", [
-        (["--folds", "1"], "'folds' parameter must be an integer >= 2"),
+        (["--folds", "1"], "--folds must be an int in [2, inf); got 1"),
         (["--splits", "train,nope"], "--splits: the cache has no split 'nope'"),
         (["--grid", "colour=red"], "unknown grid key 'colour'"),
     ])

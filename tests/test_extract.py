@@ -123,7 +123,7 @@ class TestRefusals:
 
     @pytest.mark.parametrize("field,value", [("dtype", "float64"), ("batch_size", 0), ("amp", "fp8")])
     def test_bad_settings_name_the_parameter(self, field, value):
-        with pytest.raises(ConfigError, match=f"'{field}' parameter of ExtractConfig"):
+        with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} must be .*; got {value!r}"):
             _config(**{field: value})
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from headcache.errors import ConfigError
-from headcache.head import HeadBank
+from headcache.head import get_head
 
 
 def _bank(kind, k, seeds, dropout=None, d=6, c=2):
-    bank = HeadBank(kind, k, d, c, dropout=dropout)
+    bank = get_head(kind)(k, d, c, dropout=dropout)
     bank.reset_parameters([torch.Generator().manual_seed(s) for s in seeds])
     return bank
 
@@ -45,4 +45,4 @@ def test_initialisation_is_xavier_uniform_with_zero_bias():
 
 def test_unknown_head_lists_the_valid_names():
     with pytest.raises(ConfigError, match="mlp, linear"):
-        HeadBank("transformer", 1, 4, 2)
+        get_head("transformer")

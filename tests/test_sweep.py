@@ -124,8 +124,8 @@ class TestGridErrors:
     @pytest.mark.parametrize("grid,message", [
         ({"colour": ["red"]}, "unknown grid key 'colour'; valid keys: pool, head, loss, lr, weight_decay"),
         ({"seed": ["1"]}, "--seeds"),
-        ({"lr": ["fast"]}, "'lr' parameter must be a number > 0"),
-        ({"lr": ["-1"]}, "'lr' parameter of TrainConfig must be a number > 0"),
+        ({"lr": ["fast"]}, r"--lr must be a float in \(0, inf\); got 'fast'"),
+        ({"lr": ["-1"]}, r"--lr must be a float in \(0, inf\); got -1"),
         ({"lr": []}, "grid key 'lr' needs a list of values"),
         ({"lr": ["1e-3", "0.001"]}, "have the same config"),
         ({"weight-decay": ["0"], "weight_decay": ["1"]}, "name one setting twice"),
@@ -166,7 +166,7 @@ class TestCommand:
         (["--grid", "lr"], "--grid 'lr': expected KEY=V1,V2"),
         (["--grid", "lr=1e-3", "--grid", "lr=2e-3"], "--grid lr is given twice"),
         (["--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
-        (["--grid", "epochs=0"], "'epochs' parameter of TrainConfig must be an integer >= 1"),
+        (["--grid", "epochs=0"], "--epochs must be an int in [1, inf); got 0"),
     ])
     def test_user_errors_exit_1_with_one_message(self, signal_cache, tmp_path, args, message):
         result = runner.invoke(app, ["sweep", "--cache", str(signal_cache), "--out", str(tmp_path / "s"),

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 
-from headcache.config import TrainConfig, config_from_options
+from headcache.config import TrainConfig
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
 from headcache.rundir import head_from_checkpoint
@@ -23,26 +22,6 @@ def test_cosine_schedule_equals_torch_with_the_seeds_intended_settings():
         assert cosine_lr(5e-4, epoch, 50) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-9)
         optimizer.step()
         scheduler.step()
-
-
-def test_defaults_are_the_seeds():
-    c = TrainConfig()
-    assert (c.pool, c.head, c.lr, c.weight_decay, c.epochs, c.batch_size, c.patience, c.min_delta, c.grad_clip,
-            c.dropout, c.focal_gamma) == ("meanq", "mlp", 5e-4, 1e-3, 50, 16, 8, 5e-4, 0.05, 0.1, 3.0)
-
-
-@pytest.mark.parametrize("field,value,allowed", [("pool", "attn", "one of meanq"), ("epochs", 0, "an integer >= 1"),
-                                                 ("dropout", 1.0, "in [0, 1)"), ("batch_size", 1, ">= 2")])
-def test_bad_settings_are_refused_naming_parameter_and_allowed_values(field, value, allowed):
-    with pytest.raises(ConfigError, match=rf"'{field}' parameter of TrainConfig must be .*{re.escape(allowed)}.*Got"):
-        TrainConfig(**{field: value})
-
-
-def test_text_options_are_converted_by_field():
-    config = config_from_options({"lr": "1e-3", "head": "linear", "hidden": "none", "epochs": "7"})
-    assert (config.lr, config.head, config.hidden, config.epochs) == (1e-3, "linear", None, 7)
-    with pytest.raises(ConfigError, match="unknown train option 'colour'"):
-        config_from_options({"colour": "red"})
 
 
 @pytest.fixture(scope="module")
