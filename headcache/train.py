@@ -34,7 +34,7 @@ from headcache.head import HeadBank, HeadModel
 from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
 from headcache.optim import StackedAdamW, clip_per_head
-from headcache.pooling import LearnedQueryPool, is_learnable
+from headcache.pooling import create_pool
 from headcache.rundir import prepare_out_dir, save_run, write_config
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
@@ -120,7 +120,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
 
     # -- model: stacked heads (and learned pools), each initialised from its own generator
     init_generators = [torch.Generator().manual_seed(s[0]) for s in seeds]
-    pool = LearnedQueryPool(k_heads, hidden_dim) if is_learnable(first.pool) else None
+    pool = create_pool(first.pool, num_heads=k_heads, dim=hidden_dim)  # None for a parameter-free pool
     bank = HeadBank(first.head, k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
     if pool is not None:
         pool.reset_parameters(init_generators)
