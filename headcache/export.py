@@ -6,10 +6,9 @@ a split of the spec's data. The exported model is timm's forward_features /
 forward_head seam: `spec.encode` gives the hidden states, the pool and head
 give the probabilities.
 
-The hidden states are rounded through the cache's dtype before pooling, as
-they were when the head was trained (NOTE [ Float16 rounding in the live
-source ] in features.py), so the exported model reproduces the run's own
-predictions.
+The hidden states go through the same seam as at extraction (rounded through
+the cache's dtype, then pooled; NOTE [ One seam ] in pooling.py), so the
+exported model reproduces the run's own predictions.
 """
 from __future__ import annotations
 
@@ -26,10 +25,9 @@ from torch.utils.data import DataLoader
 from headcache.checkpoint import fingerprint
 from headcache.devices import resolve_device, to_device
 from headcache.errors import CheckpointError, FingerprintMismatchError, OutputExistsError
-from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
+from headcache.pooling import head_inputs
 from headcache.rundir import head_from_checkpoint
 from headcache.spec import load_backbone, resolve_spec
-from headcache.store import round_through
 
 MODEL_FORMAT = "headcache-model"
 
@@ -46,11 +44,8 @@ class DeployedModel(nn.Module):
     @torch.no_grad()
     def forward(self, batch: Any) -> Tensor:
         hidden, mask = self.spec.encode(self.backbone, batch)
-        hidden, mask = round_through(hidden.float(), self.dtype), mask.bool()
-        if is_learnable(self.pool_name):
-            features: Tensor | TokenBatch = TokenBatch(hidden.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
-        else:
-            features = pool_parameter_free(self.pool_name, hidden, mask)
+        # the features the head was trained on: NOTE [ One seam ] in pooling.py
+        features = head_inputs(hidden, mask, pool=self.pool_name, dtype=self.dtype)
         return torch.softmax(self.head(features)[0], dim=-1)
 
 

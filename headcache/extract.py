@@ -34,9 +34,9 @@ from headcache.checkpoint import LoadReport, file_sha256
 from headcache.config import AMP_DTYPES, ExtractConfig  # ExtractConfig re-exported: it lived here
 from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, DataError, NonFiniteError
-from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
+from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
 from headcache.spec import load_backbone, resolve_spec, spec_splits
-from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
+from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
@@ -275,7 +275,6 @@ class _Runner:
 
     def _rows(self, batch: Any, labels: list, ids: list[str], split: str) -> Iterator[tuple]:
         hidden, mask = self.encode(batch)
-        rounded = round_through(hidden, self.config.dtype)
         lengths = mask.sum(1)
         empty = (lengths == 0).nonzero().flatten()
         if len(empty):
@@ -286,8 +285,10 @@ class _Runner:
             raise NonFiniteError(f"the backbone produced NaN or Inf for sequence {ids[int(broken[0])]!r} of split "
                                  f"{split!r}; check that sequence's inputs (the rows before it are kept, and a "
                                  "rerun resumes there)")
-        pooled = {name: pool_parameter_free(name, rounded, mask).cpu().numpy() for name in PARAMETER_FREE_POOLS}
-        stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()
+        # the same rounding and pools as the live source and the exported model: NOTE [ One seam ] in pooling.py
+        rounded, mask, pooled_states = cache_inputs(hidden, mask, dtype=self.config.dtype)
+        pooled = {name: vectors.cpu().numpy() for name, vectors in pooled_states.items()}
+        stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()  # exact: already rounded
         mask_np = mask.cpu().numpy()
         for b, (label, item_id) in enumerate(zip(labels, ids)):
             label = self._check_label(label, item_id, split)

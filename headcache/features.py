@@ -21,7 +21,8 @@ NOTE [ Float16 rounding in the live source ]
 The cache stores tokens in its dtype (float16 by default) and computes the
 stored pools from the rounded tokens in float32. The live source rounds the
 backbone's output through the same dtype before pooling, so the equivalence
-holds for float16 caches too.
+holds for float16 caches too. Both sides do this in one function
+(NOTE [ One seam ] in pooling.py).
 
 NOTE [ Streaming tokens ]
 A token split larger than what is left of the memory budget stays in the
@@ -58,8 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from headcache.devices import to_device
-from headcache.pooling import TokenBatch, is_learnable, pool_parameter_free
-from headcache.store import CacheReader, round_through
+from headcache.pooling import TokenBatch, check_pool_name, head_inputs, is_learnable
+from headcache.store import CacheReader
 
 EVAL_ROWS = 256  # items per evaluation chunk of pooled features
 TOKEN_EVAL_ROWS = 64  # of token features: (64, T, D) float32 chunks stay a few MB, not tens
@@ -468,7 +469,7 @@ class LiveFeatures:
     def __init__(self, spec: Any, backbone: nn.Module, *, pool: str, dtype: str, device: torch.device,
                  eval_rows: int = 64):
         self.spec, self.backbone, self.pool, self.dtype, self.device = spec, backbone, pool, dtype, device
-        self.tokens_needed = is_learnable(pool)
+        check_pool_name(pool)  # an unknown pool is refused when the source is built, not at its first batch
         self.eval_rows = eval_rows
         self._datasets: dict[str, Any] = {}
         self._labels: dict[str, Tensor] = {}
@@ -497,9 +498,9 @@ class LiveFeatures:
         batch = to_device(self.spec.collate(inputs), self.device)
         with torch.no_grad():
             hidden, mask = self.spec.encode(self.backbone, batch)
-            hidden = round_through(hidden.float(), self.dtype)
-            mask = mask.bool()
+            # rounded and pooled as extraction did for the cache: NOTE [ One seam ] in pooling.py
+            features = head_inputs(hidden, mask, pool=self.pool, dtype=self.dtype)
             inverse = inverse.to(self.device).view(shape)
-            if self.tokens_needed:
-                return TokenBatch(hidden.masked_fill(~mask.unsqueeze(-1), 0.0)[inverse], mask[inverse])
-            return pool_parameter_free(self.pool, hidden, mask)[inverse]
+            if isinstance(features, TokenBatch):
+                return TokenBatch(features.hidden[inverse], features.mask[inverse])
+            return features[inverse]

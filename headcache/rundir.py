@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from headcache.config import TrainConfig
 from headcache.errors import OutputExistsError
 from headcache.head import HeadModel, get_head
-from headcache.pooling import LearnedQueryPool, is_learnable
+from headcache.pooling import create_pool
 
 if TYPE_CHECKING:  # for type hints only: the loop sits above this module
     from headcache.train import FitResult
@@ -91,7 +91,7 @@ def head_from_checkpoint(checkpoint: dict) -> nn.Module:
     config = TrainConfig(**checkpoint["config"])
     bank = get_head(config.head)(1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
                     [config.dropout])
-    pool = LearnedQueryPool(1, checkpoint["hidden_dim"]) if is_learnable(config.pool) else None
+    pool = create_pool(config.pool, num_heads=1, dim=checkpoint["hidden_dim"])
     model = HeadModel(bank, pool)
     model.load_head_state(0, checkpoint["state"])
     return model.eval()

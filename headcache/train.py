@@ -34,7 +34,7 @@ from headcache.head import HeadModel, get_head
 from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
 from headcache.optim import StackedAdamW, clip_per_head
-from headcache.pooling import LearnedQueryPool, is_learnable
+from headcache.pooling import create_pool
 from headcache.rundir import prepare_out_dir, save_run, write_config
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
@@ -120,7 +120,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
 
     # -- model: stacked heads (and learned pools), each initialised from its own generator
     init_generators = [torch.Generator().manual_seed(s[0]) for s in seeds]
-    pool = LearnedQueryPool(k_heads, hidden_dim) if is_learnable(first.pool) else None
+    pool = create_pool(first.pool, num_heads=k_heads, dim=hidden_dim)  # None for a parameter-free pool
     bank = get_head(first.head)(k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
     if pool is not None:
         pool.reset_parameters(init_generators)
@@ -136,9 +136,9 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
 
     # -- data: per-head train rows and labels; loss constants come from the train labels
     train_split = tasks[0].train[0]
-    for role in ("train", "val"):  # one split per role: evaluation scores every head on tasks[0]'s
-        if any(getattr(t, role)[0] != getattr(tasks[0], role)[0] for t in tasks):
-            raise ConfigError(f"heads of one bank must share their {role} split")
+    # one train split: every step is one batch of it for all heads (each head scores its own val split)
+    if any(t.train[0] != train_split for t in tasks):
+        raise ConfigError("heads of one bank must share their train split")
     labels = {role: [source.labels(getattr(t, role)[0]) for t in tasks] for role in ("train", "val")}
     train_labels = [labels["train"][k][t.train[1].to(device)] for k, t in enumerate(tasks)]
     constants = [loss_constants(c.loss or default_loss(num_classes), y, num_classes, c.focal_gamma)
@@ -181,7 +181,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
                 on_step(epoch, step, losses.detach())
         train_loss = (total / steps).tolist()
 
-        val_probs, val_loss = _evaluate_tasks(model, source, tasks, "val", labels["val"], loss_args)
+        val_probs, val_loss = _evaluate_tasks(model, source, tasks, "val", loss_args)
         seconds = time.perf_counter() - started
         rows_out = []
         for k in range(k_heads):
@@ -208,7 +208,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
         if not any(active):
             break
 
-    _final_evaluation(model, source, tasks, results, labels, loss_args)
+    _final_evaluation(model, source, tasks, results, loss_args)
     return results
 
 
@@ -240,46 +240,65 @@ def predict_split(model: HeadModel, source: Any, split: str, rows: Tensor) -> Te
     return torch.cat(chunks, dim=1)
 
 
-def _evaluate_tasks(model: HeadModel, source: Any, tasks: Sequence[HeadTask], role: str,
-                    labels: list[Tensor], loss_args) -> tuple[list[np.ndarray], list[float]]:
-    """Probabilities and loss of each head on its own rows of ``role``; heads sharing a split and
-    rows are evaluated in one pass."""
-    probs_out: list[np.ndarray] = [None] * len(tasks)  # type: ignore[list-item]
-    loss_out: list[float] = [math.nan] * len(tasks)
-    split, _ = getattr(tasks[0], role)
-    all_rows = torch.arange(len(labels[0]))
-    probs = predict_split(model, source, split, all_rows)  # every head on the whole split, once
-    weights, gamma, weighted = loss_args
+def _heads_by_split(tasks: Sequence[HeadTask], role: str) -> dict[str, list[int]]:
+    """The heads that have ``role`` ("val" or "test"), grouped by the split they name for it."""
+    groups: dict[str, list[int]] = {}
     for k, task in enumerate(tasks):
-        rows = getattr(task, role)[1]
-        p = probs[k, rows.to(probs.device)]
-        y = labels[k][rows.to(labels[k].device)]
-        loss = stacked_loss(torch.log(p.clamp(min=1e-12))[None], y, weights[k:k + 1], gamma[k:k + 1],
-                            weighted[k:k + 1])
-        probs_out[k], loss_out[k] = p.cpu().numpy(), float(loss)
+        part = getattr(task, role)
+        if part is not None:
+            groups.setdefault(part[0], []).append(k)
+    return groups
+
+
+def _evaluate_tasks(model: HeadModel, source: Any, tasks: Sequence[HeadTask], role: str,
+                    loss_args) -> tuple[list[np.ndarray | None], list[float]]:
+    """Probabilities (N_k, C) and loss of each head on its own split and rows of ``role``; None and NaN
+    for a head without that role.
+
+    The bank computes all K heads at once, so each split the heads name is predicted in one pass, over
+    all of its rows, and each head keeps its own rows: heads sharing a split cost one pass, and a head's
+    numbers never depend on which other heads share its bank.
+    """
+    probs_out: list[np.ndarray | None] = [None] * len(tasks)
+    loss_out: list[float] = [math.nan] * len(tasks)
+    weights, gamma, weighted = loss_args
+    for split, heads in _heads_by_split(tasks, role).items():
+        labels = source.labels(split)
+        probs = predict_split(model, source, split, torch.arange(len(labels)))
+        for k in heads:
+            rows = getattr(tasks[k], role)[1]
+            p = probs[k, rows.to(probs.device)]
+            y = labels[rows.to(labels.device)]
+            loss = stacked_loss(torch.log(p.clamp(min=1e-12))[None], y, weights[k:k + 1], gamma[k:k + 1],
+                                weighted[k:k + 1])
+            probs_out[k], loss_out[k] = p.cpu().numpy(), float(loss)
     return probs_out, loss_out
 
 
-def _final_evaluation(model, source, tasks, results, labels, loss_args) -> None:
-    """Put every head at its best weights and score val (and test) with full metrics and CIs."""
+def _final_evaluation(model: HeadModel, source: Any, tasks: Sequence[HeadTask], results: list[FitResult],
+                      loss_args) -> None:
+    """Put every head at its best weights and score it on its own val (and test, where it has one) split
+    with full metrics and CIs, written into its result; a head without a test split gets no test entry
+    and leaves the others' untouched."""
     for k, result in enumerate(results):
         if result.best_state:
             model.load_head_state(k, result.best_state)
         else:  # the monitor never improved (e.g. NaN): keep the last weights
             result.best_state = result.last_state
-    roles = ["val"] + (["test"] if all(t.test is not None for t in tasks) else [])
-    for role in roles:
-        if role == "test":
-            labels["test"] = [source.labels(t.test[0]) for t in tasks]
-        probs, _ = _evaluate_tasks(model, source, tasks, role, labels[role], loss_args)
-        for k, (task, result) in enumerate(zip(tasks, results)):
-            y = labels[role][k][getattr(task, role)[1].to(labels[role][k].device)].cpu().numpy()
+    for role in ("val", "test"):
+        probs, _ = _evaluate_tasks(model, source, tasks, role, loss_args)
+        for task, result, p in zip(tasks, results, probs):
+            if p is None:
+                continue
+            split, rows = getattr(task, role)
+            labels = source.labels(split)
+            y = labels[rows.to(labels.device)].cpu().numpy()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already warned when the monitor was chosen
-                metrics = classification_metrics(probs[k], y, split=getattr(task, role)[0])
-            metrics.update(bootstrap_intervals(probs[k], y, seed=task.config.seed))
+                metrics = classification_metrics(p, y, split=split)
+            metrics.update(bootstrap_intervals(p, y, seed=task.config.seed))
             result.metrics[role] = metrics
-            result.predictions[role] = probs[k]
+            result.predictions[role] = p
 
 
 # ---------------------------------------------------------------------------- train from a cache

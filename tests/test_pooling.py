@@ -1,7 +1,9 @@
-"""Pools: hand-computed values, mask-awareness for any padding, and stacking of the learned pool."""
+"""Pools: hand-computed values, mask-awareness for any padding, stacking of the learned pool, the registry,
+and the one seam from hidden states to head inputs (NOTE [ One seam ])."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from headcache.errors import ConfigError
-from headcache.pooling import PARAMETER_FREE_POOLS, LearnedQueryPool, is_learnable, pool_parameter_free
+from headcache.pooling import (
+    PARAMETER_FREE_POOLS,
+    POOL_NAMES,
+    POOLS,
+    LearnedQueryPool,
+    TokenBatch,
+    cache_inputs,
+    create_pool,
+    get_pool,
+    head_inputs,
+    is_learnable,
+    mean_pool,
+    pool_parameter_free,
+)
 
 HIDDEN = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # third position is padding
 MASK = torch.tensor([[True, True, False]])
@@ -65,3 +80,93 @@ def test_learned_pool_on_shared_and_per_head_batches_agrees():
 def test_unknown_pool_lists_the_valid_names():
     with pytest.raises(ConfigError, match="meanq, meanq_scaled, mean, max, last, learned"):
         is_learnable("attention")
+
+
+# -------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_every_pool_and_the_stored_ones_are_its_parameter_free_view():
+    assert POOL_NAMES == ("meanq", "meanq_scaled", "mean", "max", "last", "learned")
+    assert get_pool("mean") is mean_pool and get_pool("learned") is LearnedQueryPool
+    assert PARAMETER_FREE_POOLS == {name: POOLS[name] for name in POOL_NAMES if name != "learned"}
+    assert [is_learnable(name) for name in POOL_NAMES] == [False] * 5 + [True]
+
+
+def test_lookup_passes_a_built_pool_through_and_lists_names_for_an_unknown_one():
+    def mine(hidden, mask):
+        return hidden.sum(-2)
+
+    built = LearnedQueryPool(2, 3)
+    assert get_pool(mine) is mine and get_pool(built) is built
+    assert create_pool(built, num_heads=5, dim=7) is built
+    with pytest.raises(ConfigError, match=r"pool must be one of meanq, .*learned; got 'attention'"):
+        get_pool("attention")
+    with pytest.raises(ConfigError, match="got 'attention'"):
+        create_pool("attention", num_heads=1, dim=4)
+
+
+def test_create_pool_builds_the_learnable_pool_for_k_heads_and_nothing_for_a_stored_one():
+    pool = create_pool("learned", num_heads=3, dim=4)
+    assert isinstance(pool, LearnedQueryPool) and pool.query.shape == (3, 4)
+    assert all(create_pool(name, num_heads=3, dim=4) is None for name in PARAMETER_FREE_POOLS)
+
+
+def test_a_learnable_pool_has_no_stored_vector():
+    with pytest.raises(ConfigError, match="pool 'learned' is learnable.*meanq, meanq_scaled, mean, max, last"):
+        pool_parameter_free("learned", HIDDEN, MASK)
+
+
+# -------------------------------------------------------------------------- the seam (NOTE [ One seam ])
+
+# 1 + 2**-12 lies between two float16 values: rounding through float16 moves it to 1.0
+UNROUNDED = torch.tensor([[[1.0 + 2 ** -12, 3.0], [2.0, 1.0 + 3 * 2 ** -12], [math.nan, math.inf]]])
+MASK_INT = torch.tensor([[1, 1, 0]])  # spec.encode may return any mask dtype
+
+
+def test_head_inputs_pools_the_states_rounded_through_the_cache_dtype():
+    half = UNROUNDED.half().float()
+    expected = torch.tensor([[(half[0, 0, 0] + 2.0) / 2, (3.0 + half[0, 1, 1]) / 2]])
+    rounded = head_inputs(UNROUNDED, MASK_INT, pool="mean", dtype="float16")
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, expected)
+    unrounded = head_inputs(UNROUNDED, MASK_INT, pool="mean", dtype="float32")
+    assert torch.equal(unrounded, torch.tensor([[(1.0 + 2 ** -12 + 2.0) / 2, (3.0 + 1.0 + 3 * 2 ** -12) / 2]]))
+    assert not torch.equal(rounded, unrounded)
+    assert torch.equal(head_inputs(UNROUNDED.half(), MASK_INT, pool="mean", dtype="float16"), expected)
+
+
+def test_head_inputs_gives_a_learnable_pool_the_rounded_tokens_with_padding_zeroed():
+    tokens = head_inputs(UNROUNDED, MASK_INT, pool="learned", dtype="float16")
+    assert isinstance(tokens, TokenBatch)
+    assert tokens.mask.dtype == torch.bool and tokens.mask.tolist() == [[True, True, False]]
+    expected = UNROUNDED.half().float()
+    expected[0, 2] = 0.0  # the NaN / Inf padding is gone, so no pool can see it
+    assert tokens.hidden.dtype == torch.float32 and torch.equal(tokens.hidden, expected)
+
+
+def test_head_inputs_calls_a_pool_function_passed_in():
+    summed = head_inputs(UNROUNDED[:, :2], MASK_INT[:, :2], pool=lambda h, m: h.sum(-2), dtype="float16")
+    assert torch.equal(summed, UNROUNDED[:, :2].half().float().sum(-2))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_what_extraction_stores_is_what_head_inputs_gives_bit_for_bit(dtype):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 7, 5, generator=generator) * 3
+    mask = torch.arange(7) < torch.tensor([[7], [3], [1], [5]])
+    rounded, bool_mask, pooled = cache_inputs(hidden, mask.int(), dtype=dtype)
+    assert torch.equal(rounded, hidden.to(getattr(torch, dtype)).float()) and torch.equal(bool_mask, mask)
+    assert list(pooled) == list(PARAMETER_FREE_POOLS)
+    for name, vectors in pooled.items():
+        assert vectors.shape == (4, 5) and torch.equal(vectors, head_inputs(hidden, mask, pool=name, dtype=dtype))
+    stored = rounded.masked_fill(~mask.unsqueeze(-1), 0.0)  # what a cached token split hands the learned pool
+    assert torch.equal(head_inputs(hidden, mask, pool="learned", dtype=dtype).hidden, stored)
+
+
+def test_nothing_else_in_the_package_rounds_or_pools_hidden_states():
+    """NOTE [ One seam ]: extraction, the live source and export reach hidden states through pooling.py only."""
+    package = Path(__file__).resolve().parents[1] / "headcache"
+    callers = {path.name for path in package.rglob("*.py") for word in ("round_through(", "pool_parameter_free(")
+               if word in path.read_text() and path.name not in ("pooling.py", "store.py")}
+    assert callers == set()
+    assert all(word in (package / name).read_text() for name, word in
+               [("extract.py", "cache_inputs("), ("features.py", "head_inputs("), ("export.py", "head_inputs(")])
