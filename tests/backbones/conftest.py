@@ -4,8 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from backbones.hf_models import synthetic_texts, write_bert_folder, write_csv, write_sentence_transformers_folder
+
+
+@pytest.fixture(autouse=True)
+def _own_random_state():
+    """These tests draw from torch's global generator (model init, inputs); tests after them must not
+    see a different generator state than they would without them."""
+    with torch.random.fork_rng():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -52,11 +52,13 @@ def write_bert_folder(folder: Path, *, hidden: int = 32, layers: int = 2, seed: 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
                                         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                         model_max_length=max_positions)
-    torch.manual_seed(seed)
     config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=max_positions,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # seeded here without touching the caller's generator
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
