@@ -80,6 +80,9 @@ class LoadReport:
         `file_sha256` of the checkpoint file.
     casts : dict of str to int
         dtype conversions made to fit the backbone, e.g. ``{"float16 -> float32": 117}``.
+    spec_report : dict
+        What a spec's own ``load`` reported (JSON-able), kept beside headcache's
+        counts; empty when headcache loaded the checkpoint itself.
     """
 
     path: str
@@ -91,6 +94,7 @@ class LoadReport:
     fingerprint: str
     checkpoint_sha256: str
     casts: dict[str, int] = field(default_factory=dict)
+    spec_report: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Return a JSON-able dict (the cache stores it as a JSON string)."""
@@ -111,6 +115,7 @@ class LoadReport:
             lines.append(f"{len(self.unexpected)} unexpected keys, not loaded: {group_keys(self.unexpected)}")
         else:
             lines.append("no unexpected keys")
+        lines += [f"{key}: {_describe_value(value)}" for key, value in self.spec_report.items()]
         return "\n".join(lines)
 
 
@@ -175,6 +180,27 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a checkpoint file, or of a folder's files (a Hugging Face model folder).
+
+    For a folder the digest runs over every file below it in sorted order of
+    relative path, each as its path, a NUL, its size, a NUL and its bytes, so a
+    renamed, added or changed file changes it while the folder's location and
+    file times do not.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -386,6 +412,13 @@ def _rewrite(key: str, key_map: Mapping[str, str]) -> str:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
+
+
+def _describe_value(value) -> str:
+    """One line for a spec-report entry; a long list of tensor names is grouped like unexpected keys."""
+    if isinstance(value, list) and len(value) > 3 and all(isinstance(v, str) and "." in v for v in value):
+        return group_keys(value)
+    return str(value)
 
 
 def _describe_map(key_map: Mapping[str, str]) -> str:

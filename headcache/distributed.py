@@ -30,8 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from headcache.errors import CacheError, ConfigError, HeadcacheError, OutputExistsError
 from headcache.config import ExtractConfig
+from headcache.errors import CacheError, ConfigError, HeadcacheError, OutputExistsError
 from headcache.extract import ExtractResult, extract
 from headcache.spec import resolve_spec
 from headcache.store import CacheReader, CacheWriter

@@ -27,7 +27,7 @@ from headcache.devices import resolve_device, to_device
 from headcache.errors import CheckpointError, FingerprintMismatchError, OutputExistsError
 from headcache.pooling import head_inputs
 from headcache.rundir import head_from_checkpoint
-from headcache.spec import load_backbone, resolve_spec
+from headcache.spec import load_backbone, load_from_spec, resolve_spec
 
 MODEL_FORMAT = "headcache-model"
 
@@ -83,7 +83,10 @@ def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Pa
         raise FingerprintMismatchError(
             f"{head_path} was trained on a cache of backbone {head['backbone_fingerprint'][:12]}, but {checkpoint} "
             f"loads as {report.fingerprint[:12]}; export with the checkpoint that wrote the run's cache")
+    # A load()-spec rebuilds its backbone from the checkpoint (a model folder also holds its tokenizer),
+    # so its absolute path is kept; the stored state is what then fills the module.
     torch.save({"format": MODEL_FORMAT, "version": 1, "spec": spec, "spec_options": dict(spec_options or {}),
+                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
                 "backbone_state": backbone.state_dict(), "backbone_fingerprint": report.fingerprint,
                 "dtype": run_config.get("dtype", "float32"), "head": head}, out)
     return ExportResult(out, report.fingerprint, head["epoch"])
@@ -100,7 +103,10 @@ def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[
         raise CheckpointError(f"{path} is not a model written by headcache export")
     options = {**saved["spec_options"], **(spec_options or {})}
     spec_object = resolve_spec(spec or saved["spec"], options)
-    backbone = spec_object.backbone()
+    if callable(getattr(spec_object, "load", None)):  # never backbone() where load() exists (spec contract)
+        backbone, _ = load_from_spec(spec_object, saved.get("checkpoint"))
+    else:
+        backbone = spec_object.backbone()
     backbone.load_state_dict(saved["backbone_state"], strict=True)
     if fingerprint(backbone) != saved["backbone_fingerprint"]:
         raise FingerprintMismatchError(f"{path}: the backbone weights do not match their recorded fingerprint; "

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from headcache._version import __version__
-from headcache.checkpoint import LoadReport, file_sha256
+from headcache.checkpoint import LoadReport
 from headcache.config import AMP_DTYPES, ExtractConfig  # ExtractConfig re-exported: it lived here
 from headcache.devices import resolve_device, to_device
 from headcache.errors import ConfigError, DataError, NonFiniteError
@@ -174,7 +174,7 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     attrs = {
         "backbone_fingerprint": report.fingerprint,
         "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),
-        "checkpoint_sha256": report.checkpoint_sha256 or file_sha256(checkpoint),
+        "checkpoint_sha256": report.checkpoint_sha256,  # every report carries it (load_checkpoint, load_from_spec)
         "hidden_dim": hidden_dim,
         "dtype": config.dtype,
         "created_by": f"headcache {__version__}",
@@ -295,6 +295,8 @@ class _Runner:
             yield stored[b][mask_np[b]], label, item_id, {name: p[b] for name, p in pooled.items()}
 
     def _check_label(self, label: Any, item_id: str, split: str) -> int:
+        if label is None:
+            return -1  # an unlabelled item (the cache format's -1)
         value = int(label) if not isinstance(label, torch.Tensor) else int(label.item())
         if value < 0 or (self.num_classes is not None and value >= self.num_classes):
             raise DataError(f"sequence {item_id!r} of split {split!r} has label {value}; labels must be "

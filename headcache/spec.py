@@ -5,8 +5,12 @@ A *spec* is any object with these members (duck-typed, like a Dataset):
 ``backbone() -> nn.Module``
     The architecture, untrained. headcache loads the checkpoint into it
     through `checkpoint.load_checkpoint`, so every spec gets the same checks.
-    A spec whose weights come another way may instead define
-    ``load(checkpoint) -> (nn.Module, LoadReport)``.
+    A spec whose weights come another way (a Hugging Face folder, an exported
+    program) may instead define ``load(checkpoint) -> module`` or
+    ``-> (module, report)``: ``checkpoint`` is a file, a folder or None (the
+    spec's default); ``report`` a LoadReport, a mapping or None. A ``load``
+    that takes a keyword ``trust`` gets ``--trust-checkpoint`` there. headcache
+    fingerprints the returned module itself and never calls ``backbone()``.
 ``dataset(split) -> Dataset``
     Items ``(inputs, label, id)``; ``inputs`` may be any structure of tensors.
     The dataset may define ``lengths() -> Sequence[int]`` (a cost per item,
@@ -34,14 +38,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
 from headcache.backbones import BUILTIN_SPECS
-from headcache.checkpoint import LoadReport, load_checkpoint
+from headcache.checkpoint import LoadReport, checkpoint_sha256, fingerprint, load_checkpoint
 from headcache.errors import SpecError
 
 DEFAULT_SPLITS = ("train", "val", "test")
@@ -157,18 +163,68 @@ def _accepted_options(factory) -> str:
     return f"({', '.join(names)})"
 
 
-def load_backbone(spec: Any, checkpoint: str | Path, *, key_map: dict[str, str] | None = None,
+def load_backbone(spec: Any, checkpoint: str | Path | None, *, key_map: dict[str, str] | None = None,
                   trust: bool = False) -> tuple[nn.Module, LoadReport]:
     """The spec's backbone with verified weights, frozen and in eval mode.
 
     Uses the spec's own ``load`` when it has one (weights that come another
-    way); otherwise builds ``spec.backbone()`` and loads the checkpoint through
-    `load_checkpoint`, so every spec gets the same checks and load report.
+    way, see `load_from_spec`); otherwise builds ``spec.backbone()`` and loads
+    the checkpoint through `load_checkpoint`, so every spec gets the same
+    checks and load report.
     """
     if callable(getattr(spec, "load", None)):
-        module, report = spec.load(checkpoint)
+        module, report = load_from_spec(spec, checkpoint, trust=trust)
     else:
         module = spec.backbone()
         report = load_checkpoint(module, checkpoint, key_map=key_map, trust=trust)
     module.eval().requires_grad_(False)
+    return module, report
+
+
+def load_from_spec(spec: Any, checkpoint: str | Path | None, *, trust: bool = False) -> tuple[nn.Module, LoadReport]:
+    """Call ``spec.load(checkpoint)`` and build headcache's own LoadReport around what it returns.
+
+    The spec's report (a LoadReport, a mapping or None) is kept as a JSON-able
+    dict in ``spec_report``; the fingerprint is always computed here from the
+    returned module, so a cache is tied to the weights that really ran, not to
+    what a spec says about them.
+
+    Raises
+    ------
+    SpecError
+        ``load`` returned something other than a module or (module, report),
+        or a report that is not JSON-able.
+    """
+    kwargs = {"trust": trust} if "trust" in inspect.signature(spec.load).parameters else {}
+    result = spec.load(checkpoint, **kwargs)
+    if isinstance(result, nn.Module):
+        module, given = result, None
+    elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        module, given = result
+    else:
+        raise SpecError(f"spec.load({checkpoint}) returned {type(result).__name__}; expected an nn.Module or "
+                        "(nn.Module, report) with report a LoadReport, a mapping or None")
+    if isinstance(given, LoadReport):
+        given = given.to_dict()
+    elif given is not None and not isinstance(given, Mapping):
+        raise SpecError(f"spec.load({checkpoint}) returned a report of type {type(given).__name__}; expected a "
+                        "LoadReport, a mapping or None")
+    try:
+        spec_report = json.loads(json.dumps(dict(given or {})))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"spec.load({checkpoint}) returned a report that is not JSON-able ({exc}); "
+                        "give its values as str, numbers, lists or dicts") from None
+    state = module.state_dict()
+    tensors = [t for t in state.values() if isinstance(t, Tensor)]
+    report = LoadReport(
+        path="" if checkpoint is None else str(checkpoint),
+        format="spec load()",
+        loaded=len(tensors),
+        values=sum(t.numel() for t in tensors),
+        key_map={},
+        unexpected=[],
+        fingerprint=fingerprint(state),
+        checkpoint_sha256="" if checkpoint is None else checkpoint_sha256(checkpoint),
+        spec_report=spec_report,
+    )
     return module, report

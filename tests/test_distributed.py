@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO, TOY
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -18,8 +19,6 @@ from headcache.distributed import merge_parts, part_path, shard_bounds
 from headcache.errors import CacheError
 from headcache.extract import ExtractConfig, extract
 from headcache.store import CacheReader
-
-from conftest import REPO, TOY
 
 runner = CliRunner()
 CONFIG = ExtractConfig(dtype="float32", device="cpu", batch_size=8)

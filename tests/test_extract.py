@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURE, REPO, TOY
+
 from headcache.errors import ConfigError, DataError, NonFiniteError, OutputExistsError
 from headcache.extract import ExtractConfig, bucketed_batches, extract
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.store import CacheReader
-
 
 
 def _config(**changes) -> ExtractConfig:

@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from headcache.cli import app
 
 

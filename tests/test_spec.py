@@ -53,3 +53,67 @@ def test_devices():
 def test_to_device_walks_nested_structures():
     moved = to_device({"a": [torch.zeros(1), (torch.ones(1), 3)]}, torch.device("cpu"))
     assert torch.equal(moved["a"][1][0], torch.ones(1)) and moved["a"][1][1] == 3
+
+
+class TestLoadContract:
+    """spec.load(checkpoint) -> module or (module, report): headcache fingerprints the module itself."""
+
+    class _Spec:
+        def __init__(self, report):
+            self.report, self.seen = report, []
+
+        def load(self, checkpoint):
+            self.seen.append(checkpoint)
+            module = torch.nn.Linear(2, 3)
+            return module if self.report == "module only" else (module, self.report)
+
+        dataset = collate = encode = None
+
+    @pytest.mark.parametrize("report", ["module only", None, {"source": "folder", "keys": ["a.b"]}])
+    def test_module_mapping_or_none(self, tmp_path, report):
+        from headcache.checkpoint import fingerprint
+        from headcache.spec import load_backbone
+
+        folder = tmp_path / "weights"
+        folder.mkdir()
+        (folder / "w.bin").write_bytes(b"1234")
+        spec = self._Spec(report)
+        module, loaded = load_backbone(spec, folder)
+        assert spec.seen == [folder] and not module.training and not module.weight.requires_grad
+        assert loaded.fingerprint == fingerprint(module) and loaded.loaded == 2 and loaded.values == 9
+        assert loaded.spec_report == (report if isinstance(report, dict) else {})
+        assert loaded.format == "spec load()" and len(loaded.checkpoint_sha256) == 64
+
+    def test_a_load_report_is_kept_and_checkpoint_may_be_none(self):
+        from headcache.checkpoint import LoadReport
+        from headcache.spec import load_backbone
+
+        given = LoadReport("x", "state_dict", 1, 1, {}, ["old.head"], "not-this", "abc")
+        _, loaded = load_backbone(self._Spec(given), None)
+        assert loaded.spec_report["unexpected"] == ["old.head"] and loaded.fingerprint != "not-this"
+        assert loaded.path == "" and loaded.checkpoint_sha256 == ""
+        assert LoadReport.from_dict({**loaded.to_dict(), "later_field": 1}).spec_report == loaded.spec_report
+
+    def test_anything_else_is_a_spec_error(self):
+        from headcache.spec import load_backbone
+
+        with pytest.raises(SpecError, match="a report of type int; expected a LoadReport, a mapping or None"):
+            load_backbone(self._Spec(0), None)
+        with pytest.raises(SpecError, match="not JSON-able"):
+            load_backbone(self._Spec({"weights": object()}), None)
+
+
+def test_checkpoint_sha256_of_a_folder_follows_names_and_bytes(tmp_path):
+    from headcache.checkpoint import checkpoint_sha256
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    assert checkpoint_sha256(a) == checkpoint_sha256(b)  # the location does not count
+    (b / "sub" / "w.bin").write_bytes(b"\x00\x02")
+    assert checkpoint_sha256(a) != checkpoint_sha256(b)
+    (b / "sub" / "w.bin").rename(b / "sub" / "v.bin")
+    (b / "sub" / "v.bin").write_bytes(b"\x00\x01")
+    assert checkpoint_sha256(a) != checkpoint_sha256(b)  # a renamed file does

@@ -3,4 +3,6 @@
 BUILTIN_SPECS: dict[str, str] = {
     "seqsetvae": "headcache.backbones.seqsetvae:make_spec",
     "demo": "headcache.backbones.demo:make_spec",
+    "hf": "headcache.backbones.hf:make_spec",
+    "exported": "headcache.backbones.exported:make_spec",
 }

@@ -1,0 +1,298 @@
+"""The built-in ``hf`` spec, driven as a user drives it: a Hugging Face folder and a text file, no code.
+
+The folders are real transformers models (save_pretrained), made in tmp_path.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
+from typer.testing import CliRunner
+
+from backbones.hf_models import synthetic_texts, write_csv
+from headcache.backbones.hf import make_spec
+from headcache.cli import app
+from headcache.errors import SpecError
+from headcache.extract import ExtractConfig, extract
+from headcache.spec import resolve_spec
+from headcache.store import CacheReader
+
+runner = CliRunner(env={"COLUMNS": "200"})
+TOLERANCE = 1e-5
+
+
+def run(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def hf_extract(folder: Path, data: Path, out: Path, *extra) -> object:
+    return run("extract", "--spec", "hf", "--checkpoint", folder, "--spec-opt", f"data={data}", "--out", out,
+               "--dtype", "float32", "--device", "cpu", "--batch-size", "16", *extra)
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and "Traceback" not in result.output, result.output
+    flat = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in flat, f"{fragment!r} not in {result.output!r}"
+
+
+def transformers_states(folder: Path, texts: list[str], pairs: list[str] | None = None,
+                        max_length: int | None = None) -> list[np.ndarray]:
+    """What transformers itself gives for each text alone: last_hidden_state [T_i, D]."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    states = []
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            encoded = tokenizer(text, pairs[i] if pairs else None, return_tensors="pt",
+                                truncation=max_length is not None, max_length=max_length)
+            states.append(model(**encoded).last_hidden_state[0].numpy())
+    return states
+
+
+def rows_of(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_cache_equals(split, expected: list[np.ndarray]) -> None:
+    assert split.n == len(expected)
+    for i, want in enumerate(expected):
+        got = split.sequence(i)
+        assert got.shape == want.shape, (i, got.shape, want.shape)
+        assert np.abs(got - want).max() <= TOLERANCE
+
+
+class TestExtractAndTrain:
+    def test_cache_is_transformers_last_hidden_state_and_trains(self, tmp_path, bert_folder, reviews_csv):
+        cache, run_dir = tmp_path / "c.h5", tmp_path / "run"
+        result = hf_extract(bert_folder, reviews_csv, cache)
+        assert result.exit_code == 0, result.output
+        assert "model_class: BertModel" in result.output and "truncated: {'train': 0" in result.output
+        rows = rows_of(reviews_csv)
+        with CacheReader(cache) as reader:
+            assert reader.splits == ["train", "val", "test"] and reader.hidden_dim == 32
+            report = reader.load_report
+            assert report["format"] == "spec load()" and report["loaded"] == 39
+            assert report["spec_report"]["class_names"] == ["0", "1"]
+            assert report["spec_report"]["unexpected"] == [] and len(report["checkpoint_sha256"]) == 64
+            for name in ("train", "val", "test"):
+                mine = [r for r in rows if r["split"] == name]
+                split = reader.split(name)
+                assert split.ids == [r["id"] for r in mine]
+                assert split.labels.tolist() == [int(r["label"]) for r in mine]
+                assert_cache_equals(split, transformers_states(bert_folder, [r["text"] for r in mine]))
+        result = run("train", "--cache", cache, "--out", run_dir, "--epochs", "3", "--device", "cpu", "--pool", "mean",
+                     "--hidden", "8", "--quiet")
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert 0.0 <= metrics["test"]["auroc"] <= 1.0 and 0.0 <= metrics["val"]["accuracy"] <= 1.0
+        assert len(rows_of(run_dir / "predictions_test.csv")) == 24
+
+    def test_the_python_api_gives_the_same_cache(self, tmp_path, bert_folder, reviews_csv):
+        cache = tmp_path / "api.h5"
+        result = extract("hf", bert_folder, cache, ExtractConfig(dtype="float32", device="cpu", splits=("val",)),
+                         spec_options={"data": str(reviews_csv)})
+        assert result.split_sizes == {"val": 24}
+        assert result.load_report.spec_report["model_class"] == "BertModel"
+        mine = [r["text"] for r in rows_of(reviews_csv) if r["split"] == "val"]
+        with CacheReader(cache) as reader:
+            assert_cache_equals(reader.split("val"), transformers_states(bert_folder, mine))
+
+    def test_exported_model_predicts_the_runs_own_probabilities(self, tmp_path, bert_folder, reviews_csv):
+        cache, run_dir, model = tmp_path / "c.h5", tmp_path / "run", tmp_path / "model.pt"
+        assert hf_extract(bert_folder, reviews_csv, cache).exit_code == 0
+        assert run("train", "--cache", cache, "--out", run_dir, "--epochs", "2", "--device", "cpu", "--pool", "mean",
+                   "--quiet").exit_code == 0
+        result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
+                     "--spec-opt", f"data={reviews_csv}")
+        assert result.exit_code == 0, result.output
+        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
+                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
+        preds = tmp_path / "preds.csv"
+        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
+                     "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
+        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
+        assert all(r["label"] == "" for r in mine)
+        for a, b in zip(mine, theirs):
+            assert abs(float(a["p1"]) - float(b["p1"])) <= 1e-4
+
+
+class TestData:
+    def test_unlabelled_file_extracts_with_labels_minus_one(self, tmp_path, bert_folder):
+        texts, _ = synthetic_texts(10, seed=3)
+        data = write_csv(tmp_path / "fresh.csv", [{"text": t} for t in texts])
+        cache = tmp_path / "c.h5"
+        assert hf_extract(bert_folder, data, cache).exit_code == 0
+        with CacheReader(cache) as reader:
+            assert reader.splits == ["fresh"]  # no split column: one split named after the file
+            split = reader.split("fresh")
+            assert split.labels.tolist() == [-1] * 10 and split.ids == [str(i) for i in range(10)]
+            assert "class_names" not in reader.load_report["spec_report"]
+            assert_cache_equals(split, transformers_states(bert_folder, texts))
+
+    def test_string_labels_map_to_sorted_classes(self, tmp_path, bert_folder):
+        texts, _ = synthetic_texts(9, seed=4)
+        names = ["pos", "neg", "neutral"] * 3
+        data = write_csv(tmp_path / "three.csv", [{"text": t, "label": y} for t, y in zip(texts, names)])
+        spec = make_spec(str(data))
+        assert spec.class_names == ["neg", "neutral", "pos"] and spec.num_classes == 3
+        cache = tmp_path / "c.h5"
+        assert hf_extract(bert_folder, data, cache).exit_code == 0
+        with CacheReader(cache) as reader:
+            assert reader.split("three").labels.tolist() == [2, 0, 1] * 3
+            assert reader.load_report["spec_report"]["class_names"] == ["neg", "neutral", "pos"]
+
+    def test_integer_labels_sort_as_numbers_and_empty_ones_are_unlabelled(self, tmp_path):
+        data = write_csv(tmp_path / "d.csv", [{"text": "a", "label": v} for v in ("10", "9", "", "2")])
+        spec = make_spec(str(data))
+        assert spec.class_names == ["2", "9", "10"]
+        spec._encoded["d"] = {"input_ids": [[1]] * 4}  # the tokenizer's part, which load() does
+        assert [spec.dataset("d")[i][1] for i in range(4)] == [2, 1, None, 0]
+
+    def test_a_folder_gives_one_split_per_file(self, tmp_path, bert_folder):
+        texts, labels = synthetic_texts(30, seed=5)
+        folder = tmp_path / "data"
+        folder.mkdir()
+        write_csv(folder / "train.csv", [{"text": t, "label": y} for t, y in zip(texts[:14], labels[:14])])
+        (folder / "valid.jsonl").write_text("".join(json.dumps({"id": f"v{i}", "text": t, "label": y}) + "\n"
+                                                    for i, (t, y) in enumerate(zip(texts[14:22], labels[14:22]))))
+        pq.write_table(pa.table({"text": texts[22:]}), folder / "test.parquet")
+        (folder / "notes.md").write_text("not data")
+        cache = tmp_path / "c.h5"
+        assert hf_extract(bert_folder, folder, cache).exit_code == 0
+        with CacheReader(cache) as reader:
+            assert reader.splits == ["train", "valid", "test"]
+            assert [reader.split(s).n for s in reader.splits] == [14, 8, 8]
+            assert reader.split("valid").ids == [f"v{i}" for i in range(8)]
+            assert reader.split("valid").labels.tolist() == labels[14:22]
+            assert reader.split("test").labels.tolist() == [-1] * 8
+            assert_cache_equals(reader.split("test"), transformers_states(bert_folder, texts[22:]))
+
+    def test_tsv_with_text_pairs(self, tmp_path, bert_folder):
+        texts, labels = synthetic_texts(8, seed=6)
+        data = tmp_path / "pairs.tsv"
+        data.write_text("q\tanswer\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in
+                                                       zip(texts, reversed(texts), labels)))
+        cache = tmp_path / "c.h5"
+        result = hf_extract(bert_folder, data, cache, "--spec-opt", "text_column=q", "--spec-opt",
+                            "text_pair_column=answer")
+        assert result.exit_code == 0, result.output
+        with CacheReader(cache) as reader:
+            assert_cache_equals(reader.split("pairs"), transformers_states(bert_folder, texts, texts[::-1]))
+
+    def test_max_length_truncates_and_counts(self, tmp_path, bert_folder, reviews_csv):
+        cache = tmp_path / "c.h5"
+        result = hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", "max_length=8", "--splits", "val")
+        assert result.exit_code == 0, result.output
+        texts = [r["text"] for r in rows_of(reviews_csv) if r["split"] == "val"]
+        tokenizer = AutoTokenizer.from_pretrained(bert_folder)
+        cut = sum(len(tokenizer(t)["input_ids"]) > 8 for t in texts)
+        assert 0 < cut < len(texts)
+        with CacheReader(cache) as reader:
+            assert reader.load_report["spec_report"]["truncated"]["val"] == cut
+            assert reader.load_report["spec_report"]["max_length"] == 8
+            assert_cache_equals(reader.split("val"), transformers_states(bert_folder, texts, max_length=8))
+
+    def test_missing_text_column_is_named(self, tmp_path, bert_folder):
+        data = write_csv(tmp_path / "d.csv", [{"body": "hello", "label": 1}])
+        assert_user_error(hf_extract(bert_folder, data, tmp_path / "c.h5"), "no column 'text'", "body",
+                          "--spec-opt text_column=")
+
+    def test_duplicate_ids_are_refused(self, tmp_path, bert_folder):
+        data = write_csv(tmp_path / "d.csv", [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}])
+        assert_user_error(hf_extract(bert_folder, data, tmp_path / "c.h5"), "id 'x' appears twice")
+
+
+class TestModelFolder:
+    def test_sentence_transformers_folder_works_as_it_is(self, tmp_path, st_folder, reviews_csv):
+        cache = tmp_path / "c.h5"
+        result = hf_extract(st_folder, reviews_csv, cache, "--splits", "test")
+        assert result.exit_code == 0, result.output
+        assert "recommended_pool: mean" in result.output
+        texts = [r["text"] for r in rows_of(reviews_csv) if r["split"] == "test"]
+        model_dir = st_folder / "0_Transformer"
+        cut = sum(len(AutoTokenizer.from_pretrained(model_dir)(t)["input_ids"]) > 12 for t in texts)
+        with CacheReader(cache) as reader:
+            spec_report = reader.load_report["spec_report"]
+            assert spec_report["recommended_pool"] == "mean" and spec_report["max_length"] == 12  # its max_seq_length
+            assert 0 < spec_report["truncated"]["test"] == cut
+            assert_cache_equals(reader.split("test"), transformers_states(model_dir, texts, max_length=12))
+
+    def test_cls_pooling_of_a_new_sentence_transformers_config(self, tmp_path, st_folder):
+        folder = tmp_path / "st"
+        shutil.copytree(st_folder, folder)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 32,
+                                                                       "pooling_mode": "cls"}))
+        spec = make_spec(str(write_csv(tmp_path / "d.csv", [{"text": "good film"}])))
+        spec.load(folder)
+        assert spec.recommended_pool == "first token"
+
+    def test_mlm_folder_reports_its_head_and_drops_the_missing_pooler(self, tmp_path, bert_folder, reviews_csv):
+        folder = tmp_path / "mlm"
+        base = AutoModel.from_pretrained(bert_folder)
+        mlm = BertForMaskedLM(base.config)
+        mlm.bert.load_state_dict(base.state_dict(), strict=False)  # BertForMaskedLM's bert has no pooler
+        mlm.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(bert_folder).save_pretrained(folder)
+        cache = tmp_path / "c.h5"
+        result = hf_extract(folder, reviews_csv, cache, "--splits", "val")
+        assert result.exit_code == 0, result.output
+        texts = [r["text"] for r in rows_of(reviews_csv) if r["split"] == "val"]
+        with CacheReader(cache) as reader:
+            spec_report = reader.load_report["spec_report"]
+            assert spec_report["unexpected"] == sorted(k for k in load_file(folder / "model.safetensors")
+                                                       if k.startswith("cls."))
+            assert "pooler_removed" in spec_report and reader.load_report["loaded"] == 37
+            assert_cache_equals(reader.split("val"), transformers_states(bert_folder, texts))
+
+    def test_missing_weight_tensor_is_refused_by_name(self, tmp_path, bert_folder, reviews_csv):
+        folder = tmp_path / "partial"
+        shutil.copytree(bert_folder, folder)
+        state = load_file(folder / "model.safetensors")
+        del state["encoder.layer.1.output.dense.weight"]
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        result = hf_extract(folder, reviews_csv, tmp_path / "c.h5")
+        assert_user_error(result, "encoder.layer.1.output.dense.weight", "initialise them at random")
+        assert not (tmp_path / "c.h5").exists()
+
+    @pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "model.safetensors"])
+    def test_missing_file_is_named(self, tmp_path, bert_folder, reviews_csv, name):
+        folder = tmp_path / "broken"
+        shutil.copytree(bert_folder, folder)
+        (folder / name).unlink()
+        assert_user_error(hf_extract(folder, reviews_csv, tmp_path / "c.h5"), f"{folder / name} does not exist")
+
+    def test_code_in_the_folder_needs_trust_remote_code(self, tmp_path, bert_folder, reviews_csv):
+        folder = tmp_path / "custom"
+        shutil.copytree(bert_folder, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="custom-bert", auto_map={"AutoModel": "modeling_custom.CustomModel"})
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "modeling_custom.py").write_text("raise SystemExit('this code must not run')\n")
+        assert_user_error(hf_extract(folder, reviews_csv, tmp_path / "c.h5"), "trust_remote_code=true")
+
+    def test_checkpoint_that_is_not_a_folder(self, tmp_path, reviews_csv):
+        assert_user_error(hf_extract(reviews_csv, reviews_csv, tmp_path / "c.h5"), "is not a folder")
+
+    def test_without_transformers_the_extra_is_named(self, tmp_path, bert_folder, reviews_csv, monkeypatch):
+        monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+        with pytest.raises(SpecError, match=re.escape("pip install 'headcache[hf]'")):
+            resolve_spec("hf", {"data": str(reviews_csv)})
+        # the CLI prints messages as rich markup, which hides "[hf]" (reported to cli.py's owner)
+        assert_user_error(hf_extract(bert_folder, reviews_csv, tmp_path / "c.h5"), "--spec hf needs transformers")
