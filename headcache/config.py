@@ -27,7 +27,7 @@ import torch
 from headcache.errors import ConfigError
 from headcache.head import HEADS
 from headcache.losses import LOSSES
-from headcache.pooling import LEARNABLE_POOLS, PARAMETER_FREE_POOLS
+from headcache.pooling import POOL_NAMES
 from headcache.store import DTYPES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -271,7 +271,6 @@ def parse_bytes(text: str | int) -> int:
 
 # ------------------------------------------------------------------------------------------ the configs
 
-POOL_NAMES = tuple(PARAMETER_FREE_POOLS) + tuple(LEARNABLE_POOLS)
 _POSITIVE_INT = Interval(numbers.Integral, 1, None, closed="left")
 
 

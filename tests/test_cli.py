@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from headcache.cli import app, config_options
 from headcache.config import BenchConfig, Interval, Options, OrNone, TrainConfig, flag_name, setting
-from headcache.pooling import LEARNABLE_POOLS, PARAMETER_FREE_POOLS
+from headcache.pooling import POOL_NAMES
 from headcache.store import CacheReader, CacheWriter
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that table cells do not wrap
@@ -284,7 +284,7 @@ class TestOptionsFromConfigs:
 
     @pytest.mark.parametrize("command", ["train", "sweep", "cv", "bench"])
     def test_pool_choices_shown_are_the_pool_registry(self, command):
-        shown = "|".join(list(PARAMETER_FREE_POOLS) + list(LEARNABLE_POOLS))
+        shown = "|".join(POOL_NAMES)
         assert shown in run(command, "--help").output
 
     def test_an_unknown_pool_is_refused_listing_the_registry(self, tmp_path, tiny_cache):

@@ -19,10 +19,10 @@ from headcache.config import BenchConfig, CVConfig, ExtractConfig, TrainConfig, 
 from headcache.errors import ConfigError
 from headcache.head import HEADS, HeadModel, get_head
 from headcache.losses import LOSSES, LossConstants, get_loss, loss_constants, stack_constants, stacked_loss
-from headcache.pooling import LEARNABLE_POOLS, PARAMETER_FREE_POOLS, TokenBatch
+from headcache.pooling import PARAMETER_FREE_POOLS, POOL_NAMES, TokenBatch, create_pool
 from headcache.store import DTYPES, round_through
 
-POOLS = tuple(PARAMETER_FREE_POOLS) + tuple(LEARNABLE_POOLS)
+POOLS = POOL_NAMES
 K, B, T, D, C = 2, 6, 5, 8, 2
 LENGTHS = torch.tensor([5, 3, 1, 4, 2, 5])  # ragged, with a one-token sequence
 LABELS = torch.tensor([0, 1, 0, 1, 1, 0])
@@ -33,7 +33,7 @@ def _run(pool: str, head: str, loss: str, dtype: str, seed: int) -> dict[str, to
     hidden = round_through(torch.randn(B, T, D, generator=torch.Generator().manual_seed(123)), dtype).float()
     mask = torch.arange(T) < LENGTHS[:, None]
     init = [torch.Generator().manual_seed(seed + k) for k in range(K)]
-    learned = LEARNABLE_POOLS[pool](K, D) if pool in LEARNABLE_POOLS else None
+    learned = create_pool(pool, num_heads=K, dim=D)
     if learned is not None:
         learned.reset_parameters(init)
     bank = get_head(head)(K, D, C)  # builds with defaults
