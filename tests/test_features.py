@@ -111,7 +111,7 @@ class TestMemoryBudget:
 
     def test_train_config_carries_the_budget(self):
         assert TrainConfig(memory_budget=1 << 30).memory_budget == 1 << 30
-        with pytest.raises(ConfigError, match="memory_budget"):
+        with pytest.raises(ConfigError, match="--memory-budget must be an int in"):
             TrainConfig(memory_budget=0)
 
 
