@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from headcache.head import HeadBank
+from headcache.head import get_head
 from headcache.optim import StackedAdamW, clip_per_head, fused_adamw_works
 
 STEPS = 20
@@ -30,7 +30,7 @@ def _schedule(step: int) -> float:
 def _train_bank(k: int, fused: bool | None, same_init: bool = False):
     """Train a K-head mlp bank with StackedAdamW + clip_per_head and, beside it, K lone torch copies."""
     lrs, wds, clips = CASES[k]
-    bank = HeadBank("mlp", k, 6, 2, dropout=[0.0] * k)
+    bank = get_head("mlp")(k, 6, 2, dropout=[0.0] * k)
     bank.reset_parameters([torch.Generator().manual_seed(1 if same_init else 1 + i) for i in range(k)])
     references = [bank.export(i).train() for i in range(k)]
     torch_opts = [torch.optim.AdamW(r.parameters(), lr=lr, weight_decay=wd) for r, lr, wd in zip(references, lrs, wds)]
