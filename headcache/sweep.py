@@ -1,8 +1,10 @@
 """Grid sweeps: many heads from one cache, as few batched computations as the grid allows.
 
-Also the machinery cv.py shares: the heads of a grid, and banks. A sweep and a cv both turn their settings into a list of heads, group the heads that can share
-one bank (equal `bank_key`: same features, same batch size; and the same
-splits), and train each group with ONE call of `train.fit`: one forward and
+This module also holds what cv.py shares with it: the heads of a grid
+(`expand_grid`) and banks (`group_banks`, `train_banks`); the tables and plots
+of both are rundir.py's. Both turn their settings into a list of heads, group
+the heads that can share one bank (equal `bank_key`: same features, same batch
+size; and the same splits), and train each group with ONE call of `train.fit`: one forward and
 one backward per step for all heads of the group, each head with its own lr,
 weight decay, schedule, early stopping, seeds and best weights. A head trained
 here is therefore the head that `train` trains with the same config and seed
