@@ -10,6 +10,8 @@ import enum
 import functools
 import inspect
 import json
+import signal
+import threading
 import time
 import warnings
 from dataclasses import Field, fields
@@ -47,7 +49,16 @@ def _root(ctx: typer.Context,
 
 @contextlib.contextmanager
 def _user_errors(ctx: typer.Context) -> Iterator[None]:
-    """Print a HeadcacheError's message and exit 1; print warnings as one line each."""
+    """Print a HeadcacheError's message and exit 1; print warnings as one line each. Ctrl-C and SIGTERM
+    stop the command with one line (the library's RunInterrupted says what was kept) and exit 128 + signal."""
+    received: list[int] = []
+
+    def terminate(signum: int, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
+
+    in_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -57,7 +68,12 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
                 raise
             errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
+            errors.print(str(exc) or "interrupted", highlight=False)
+            raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
         finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
             for warning in caught:
                 errors.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False)
 
@@ -323,7 +339,8 @@ def train_command(
     ctx: typer.Context,
     cache: Path = typer.Option(..., help="The cache file written by extract."),
     out: Path = typer.Option(..., help="The run directory to write."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an existing run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run directory (once the new run "
+                                   "is complete; an unfinished one is replaced without it)."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
     settings: dict = None,
 ) -> None:
@@ -459,13 +476,14 @@ def predict_command(
     spec_opt: list[str] = typer.Option([], help="Override a stored spec option, key=value (e.g. data=DIR)."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(64),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing csv (once the new one is complete)."),
 ) -> None:
     """Predict a split of the spec's data with an exported model."""
     from headcache.export import predict
 
     with _user_errors(ctx):
         path = predict(model, split, out, spec=spec, spec_options=_pairs(spec_opt, "--spec-opt"), device=device,
-                       batch_size=batch_size)
+                       batch_size=batch_size, overwrite=overwrite)
         console.print(f"wrote {path}", highlight=False)
 
 

@@ -6,7 +6,6 @@ call per bank, and each fold head gets a run directory in `train`'s format.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, replace
@@ -20,30 +19,34 @@ from headcache.config import CVConfig, TrainConfig
 from headcache.errors import ConfigError
 from headcache.metrics import bootstrap_intervals, classification_metrics
 from headcache.rundir import (
+    CV,
+    METRIC_KEYS,
+    FoldRun,
+    Output,
+    RefitRun,
+    best_first,
     head_checkpoint,
     head_from_checkpoint,
+    metric_columns,
     plot_leaderboard,
-    prepare_out_dir,
-    write_config,
+    result_columns,
+    save_run,
+    write_csv,
     write_json,
+    write_record,
     write_table,
 )
 from headcache.sweep import (
-    METRIC_KEYS,
     EpochHook,
     FeatureSources,
     Head,
-    best_first,
     check_seeds,
     every_row,
     expand_grid,
     group_banks,
-    metric_columns,
-    result_columns,
-    save_head_run,
     train_banks,
 )
-from headcache.train import FitResult, HeadTask, bank_key, num_classes_of, predict_split, resolve_splits
+from headcache.train import FitResult, HeadTask, bank_key, num_classes_of, predict_split, resolve_splits, run_record
 
 CV_SPLIT_KEYS = ("train_split", "val_split")  # the folds are cut from `splits`; these mean nothing in cv
 
@@ -129,6 +132,7 @@ def cross_validate(cache: str | Path, out: str | Path, *, folds: int = 5, splits
         Also train each (grid point, seed) on every row of the joined split for
         the mean best epoch count of its folds, keep the last weights and score them on the test split.
     overwrite : bool
+        As for `sweep`: replace a complete cv directory once the new one is complete.
     on_epoch : callable, optional
         As for `sweep`.
 
@@ -149,9 +153,9 @@ def cross_validate(cache: str | Path, out: str | Path, *, folds: int = 5, splits
     fold_of = {seed: stratified_folds(labels, folds, seed) for seed in check_seeds(seeds)}
     tests = {h.name: _cv_test_split(h.config, first.splits, splits) for h in configs}
     num_classes = num_classes_of(first, [joined] + sorted({t for t in tests.values() if t}))
-    out = prepare_out_dir(out, overwrite)
+    output = Output(out, CV, overwrite=overwrite)
 
-    items = []
+    items, records = [], {}
     for head in configs:
         test = tests[head.name]
         for fold in range(folds):
@@ -160,49 +164,53 @@ def cross_validate(cache: str | Path, out: str | Path, *, folds: int = 5, splits
             task = HeadTask(head.config, (joined, torch.from_numpy(np.flatnonzero(~held_out))),
                             (joined, torch.from_numpy(np.flatnonzero(held_out))),
                             (test, every_row(first, test)) if test else None)
-            run_dir = out / "runs" / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(run_dir, head.config, cache=str(cache), splits=[joined, joined, test],
-                         fingerprint=first.backbone_fingerprint,
-                         cv={"fold": fold, "folds": folds, "splits": splits, "seed": head.seed,
-                             "train_rows": int((~held_out).sum()), "val_rows": int(held_out.sum())})
+            records[name] = run_record(first, head.config, (joined, joined, test), num_classes,
+                                       FoldRun(fold, folds, splits, head.seed, int((~held_out).sum()),
+                                               int(held_out.sum())))
             items.append(((bank_key(head.config), test, FeatureSources.key(head.config)), name, task))
-    banks = group_banks(items)
-    results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim, on_epoch=on_epoch)
+    with output as folder:
+        for name, record in records.items():
+            (folder / "runs" / name).mkdir(parents=True)
+            write_record(folder / "runs" / name, record)
+        banks = group_banks(items)
+        results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim,
+                              on_epoch=on_epoch)
 
-    ids = first.ids(joined)
-    fold_rows, summary, oof = [], [], []
-    for head in configs:
-        test = tests[head.name]
-        held = [np.flatnonzero(fold_of[head.seed] == fold) for fold in range(folds)]
-        fitted = [results[f"{head.name}_fold={fold}"] for fold in range(folds)]
-        for fold, (rows, result) in enumerate(zip(held, fitted)):
-            save_head_run(out / "runs" / f"{head.name}_fold={fold}", result, first, num_classes,
-                  {"val": [ids[i] for i in rows], **({"test": first.ids(test)} if test else {})})
-            fold_rows.append({"run": f"{head.name}_fold={fold}", "config": head.label, **dict(head.values),
-                              "seed": head.seed, "fold": fold, **result_columns(result)})
-        probs = np.empty((len(labels), num_classes))
-        for rows, result in zip(held, fitted):
-            probs[rows] = result.predictions["val"]
-        oof += [[head.label, head.seed, ids[i], int(fold_of[head.seed][i]), int(labels[i]), *probs[i]]
-                for i in range(len(labels))]
-        summary.append({"config": head.label, **dict(head.values), "seed": head.seed, "folds": folds,
-                        **_fold_statistics(fitted), **metric_columns("oof", _scored(probs, labels, head.seed))})
+        ids = first.ids(joined)
+        fold_rows, summary, oof = [], [], []
+        for head in configs:
+            test = tests[head.name]
+            held = [np.flatnonzero(fold_of[head.seed] == fold) for fold in range(folds)]
+            fitted = [results[f"{head.name}_fold={fold}"] for fold in range(folds)]
+            for fold, (rows, result) in enumerate(zip(held, fitted)):
+                name = f"{head.name}_fold={fold}"
+                save_run(folder / "runs" / name, result, records[name],
+                         ids={"val": [ids[i] for i in rows], **({"test": first.ids(test)} if test else {})})
+                fold_rows.append({"run": name, "config": head.label, **dict(head.values),
+                                  "seed": head.seed, "fold": fold, **result_columns(result)})
+            probs = np.empty((len(labels), num_classes))
+            for rows, result in zip(held, fitted):
+                probs[rows] = result.predictions["val"]
+            oof += [[head.label, head.seed, ids[i], int(fold_of[head.seed][i]), int(labels[i]), *probs[i]]
+                    for i in range(len(labels))]
+            summary.append({"config": head.label, **dict(head.values), "seed": head.seed, "folds": folds,
+                            **_fold_statistics(fitted), **metric_columns("oof", _scored(probs, labels, head.seed))})
 
-    if refit:
-        _refit(out, cache, sources, configs, summary, joined, tests, num_classes, on_epoch)
-    summary = best_first(summary, "val_auroc_mean")
-    write_table(out / "cv_folds", fold_rows)
-    write_table(out / "cv_summary", summary)
-    _write_oof(out / "oof.csv", oof, num_classes)
-    best = next(h for h in configs if (h.label, h.seed) == (summary[0]["config"], summary[0]["seed"]))
-    write_json(out / "best_config.json", {"config": best.label, "seed": best.seed, "train": best.config.to_dict(),
-                                           **{k: v for k, v in summary[0].items()
-                                              if k.startswith(("val_", "test_", "oof_", "refit_"))}})
-    plot_leaderboard([{**row, "label": f"{row['config']} seed={row['seed']}"} for row in summary], out / "cv.png",
-                     metric="oof_auroc", label="label",
-                     title=f"{folds}-fold cv on {joined}: out-of-fold AUROC of {len(summary)} configs")
-    return CVResult(out, summary, fold_rows, fold_of, joined, [b.heads for b in banks], time.perf_counter() - started)
+        if refit:
+            _refit(folder, sources, configs, summary, joined, tests, num_classes, on_epoch)
+        summary = best_first(summary, "val_auroc_mean")
+        write_table(folder / "cv_folds", fold_rows)
+        write_table(folder / "cv_summary", summary)
+        _write_oof(folder / "oof.csv", oof, num_classes)
+        plot_leaderboard([{**row, "label": f"{row['config']} seed={row['seed']}"} for row in summary],
+                         folder / "cv.png", metric="oof_auroc", label="label",
+                         title=f"{folds}-fold cv on {joined}: out-of-fold AUROC of {len(summary)} configs")
+        best = next(h for h in configs if (h.label, h.seed) == (summary[0]["config"], summary[0]["seed"]))
+        write_json(folder / CV.last, {"config": best.label, "seed": best.seed, "train": best.config.to_dict(),
+                                      **{k: v for k, v in summary[0].items()
+                                         if k.startswith(("val_", "test_", "oof_", "refit_"))}})
+    return CVResult(output.final, summary, fold_rows, fold_of, joined, [b.heads for b in banks],
+                    time.perf_counter() - started)
 
 
 def _cv_splits(splits: Sequence[str] | None, base: TrainConfig, available: Sequence[str]) -> list[str]:
@@ -251,47 +259,41 @@ def _scored(probs: np.ndarray, labels: np.ndarray, seed: int, split: str = "out-
     return {**classification_metrics(probs, labels, split=split), **bootstrap_intervals(probs, labels, seed=seed)}
 
 
-def _refit(out: Path, cache: str | Path, sources: FeatureSources, configs: list[Head], summary: list[dict], joined: str,
+def _refit(folder: Path, sources: FeatureSources, configs: list[Head], summary: list[dict], joined: str,
            tests: dict[str, str | None], num_classes: int, on_epoch: EpochHook | None) -> None:
     """Train each (grid point, seed) on all of ``joined`` for its folds' mean best epoch count; score the last
     weights on the test split. Adds refit_* columns to ``summary``'s rows (same order as ``configs``)."""
     first = sources(configs[0].config)
     every = every_row(first, joined)
-    items = []
+    items, records = [], {}
     for head, row in zip(configs, summary):
         epochs = max(1, round(row["best_epoch_mean"] + 1))
         config = replace(head.config, epochs=epochs, patience=epochs)  # no early stopping: the folds chose
         row["refit_epochs"] = epochs
-        run_dir = out / "refit" / head.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, config, cache=str(cache), splits=[joined, None, tests[head.name]],
-                     fingerprint=first.backbone_fingerprint,
-                     refit={"epochs": epochs, "mean_best_epoch": row["best_epoch_mean"], "weights": "last",
-                            "note": "no held-out rows: history's val columns score the training rows"})
+        records[head.name] = run_record(first, config, (joined, None, tests[head.name]), num_classes,
+                                        RefitRun(epochs, row["best_epoch_mean"]))
+        (folder / "refit" / head.name).mkdir(parents=True)
+        write_record(folder / "refit" / head.name, records[head.name])
         items.append(((bank_key(config), FeatureSources.key(config)), head.name, HeadTask(config, (joined, every),
                                                                                      (joined, every))))
     banks = group_banks(items)
     results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim, on_epoch=on_epoch)
     for head, row in zip(configs, summary):
-        result = results[head.name]
-        test = tests[head.name]
+        result, record, test = results[head.name], records[head.name], tests[head.name]
         source = sources(head.config)
-        checkpoint = head_checkpoint(result, result.last_state, result.epochs_run - 1, first.hidden_dim,
-                                     num_classes, first.backbone_fingerprint)
         metrics, predictions = {}, {}
         if test:
+            checkpoint = head_checkpoint(result, result.last_state, result.epochs_run - 1, record)
             probs = predict_split(head_from_checkpoint(checkpoint).to(source.device), source, test,
                                   every_row(source, test))[0].cpu().numpy()
             y = source.labels(test).cpu().numpy()
             metrics, predictions = {"test": _scored(probs, y, head.seed, test)}, {"test": probs}
         last = replace(result, best_state=result.last_state, best_epoch=result.epochs_run - 1,
                        best_value=math.nan, metrics=metrics, predictions=predictions)
-        save_head_run(out / "refit" / head.name, last, first, num_classes, {"test": first.ids(test)} if test else {})
+        save_run(folder / "refit" / head.name, last, record, ids={"test": first.ids(test)} if test else {})
         row.update(metric_columns("refit_test", metrics.get("test", {})))
 
 
 def _write_oof(path: Path, rows: list[list], num_classes: int) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["config", "seed", "id", "fold", "label"] + [f"p{c}" for c in range(num_classes)])
-        writer.writerows(row[:5] + [f"{p:.6g}" for p in row[5:]] for row in rows)
+    write_csv(path, ["config", "seed", "id", "fold", "label"] + [f"p{c}" for c in range(num_classes)],
+               [row[:5] + [f"{p:.6g}" for p in row[5:]] for row in rows])

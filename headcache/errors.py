@@ -61,3 +61,11 @@ class SplitIncompleteError(CacheError):
 
 class EquivalenceError(HeadcacheError):
     """Cached and end-to-end training gave different heads (`headcache bench`'s check)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT (or SIGTERM, as the CLI turns it) stopped a run; the message says what was kept and how to go on.
+
+    A KeyboardInterrupt still, so code that stops on Ctrl-C keeps stopping; not a HeadcacheError, because
+    nothing was wrong with the input.
+    """

@@ -12,21 +12,20 @@ exported model reproduces the run's own predictions.
 """
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from headcache.checkpoint import fingerprint
 from headcache.devices import resolve_device, to_device
-from headcache.errors import CheckpointError, FingerprintMismatchError, OutputExistsError
+from headcache.errors import CheckpointError, ConfigError, FingerprintMismatchError, OutputExistsError
 from headcache.pooling import head_inputs
-from headcache.rundir import head_from_checkpoint
+from headcache.rundir import head_from_checkpoint, read_head, read_record, replaced_atomically, write_predictions
 from headcache.spec import load_backbone, load_from_spec, resolve_spec
 
 MODEL_FORMAT = "headcache-model"
@@ -59,24 +58,28 @@ class ExportResult:
 def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Path, *,
            spec_options: dict[str, str] | None = None, key_map: dict[str, str] | None = None,
            trust: bool = False, overwrite: bool = False) -> ExportResult:
-    """Write backbone + the run's best head as one model file.
+    """Write backbone + the run's best head as one model file (replaced only once complete).
+
+    The cache dtype the deployed model rounds through comes from the run's
+    record (config.json), which train, sweep and cv runs all write.
 
     Raises
     ------
     FingerprintMismatchError
         The run was trained on the cache of another backbone.
     CheckpointError
-        The run directory has no head_best.pt.
+        The run directory has no config.json or head_best.pt, or either is damaged.
+    OutputExistsError
+        ``out`` exists and ``overwrite`` is False.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    head_path = Path(run_dir) / "head_best.pt"
-    if not head_path.is_file():
-        raise CheckpointError(f"{head_path} does not exist: --run must name a run directory written by "
-                              "headcache train (or sweep)")
-    head = torch.load(head_path, map_location="cpu", weights_only=True)
-    run_config = json.loads((Path(run_dir) / "config.json").read_text())
+    out = _output_file(out, overwrite, protect=())
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() and (run_dir / "runs").is_dir():
+        raise CheckpointError(f"--run {run_dir} is a sweep or cv directory; pass one of its runs, e.g. "
+                              f"{next(p for p in sorted((run_dir / 'runs').iterdir()))}")
+    record = read_record(run_dir)
+    head_path = run_dir / "head_best.pt"
+    head = read_head(head_path)
     spec_object = resolve_spec(spec, spec_options)
     backbone, report = load_backbone(spec_object, checkpoint, key_map=key_map, trust=trust)
     if report.fingerprint != head["backbone_fingerprint"]:
@@ -85,11 +88,27 @@ def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Pa
             f"loads as {report.fingerprint[:12]}; export with the checkpoint that wrote the run's cache")
     # A load()-spec rebuilds its backbone from the checkpoint (a model folder also holds its tokenizer),
     # so its absolute path is kept; the stored state is what then fills the module.
-    torch.save({"format": MODEL_FORMAT, "version": 1, "spec": spec, "spec_options": dict(spec_options or {}),
-                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-                "backbone_state": backbone.state_dict(), "backbone_fingerprint": report.fingerprint,
-                "dtype": run_config.get("dtype", "float32"), "head": head}, out)
+    with replaced_atomically(out) as temp:
+        torch.save({"format": MODEL_FORMAT, "version": 1, "spec": spec, "spec_options": dict(spec_options or {}),
+                    "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                    "backbone_state": backbone.state_dict(), "backbone_fingerprint": report.fingerprint,
+                    "dtype": record.dtype, "head": head}, temp)
     return ExportResult(out, report.fingerprint, head["epoch"])
+
+
+def _output_file(out: str | Path, overwrite: bool, *, protect: tuple[Path, ...]) -> Path:
+    """``out`` checked before any work: its folder exists, it is not a folder, not one of ``protect``
+    (the files the command reads), and it is new unless ``overwrite``."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise OutputExistsError(f"--out {out} is a folder; give a file name")
+    if any(out.exists() and p.exists() and out.samefile(p) for p in protect):
+        raise OutputExistsError(f"--out {out} is the file this command reads; choose another name")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    return out
 
 
 def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[str, str] | None = None,
@@ -117,21 +136,33 @@ def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[
 
 def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | None = None,
             spec_options: dict[str, str] | None = None, device: str = "auto", batch_size: int = 64,
-            on_batch: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``id, label, p0..pC`` for every item of ``split`` to the csv ``out``."""
+            overwrite: bool = False, on_batch: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``id, label, p0..pC`` for every item of ``split`` to the csv ``out``.
+
+    The csv is written whole to a temporary file and renamed into place at the
+    end, so a failure part-way leaves no partial csv and an existing ``out`` untouched.
+
+    Raises
+    ------
+    ConfigError
+        ``batch_size`` < 1, or the folder of ``out`` does not exist.
+    OutputExistsError
+        ``out`` exists and ``overwrite`` is False, or ``out`` is the model file.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}: give an integer >= 1")
+    out = _output_file(out, overwrite, protect=(Path(model_path),))
     model = load_model(model_path, spec=spec, spec_options=spec_options, device=device)
     dataset = model.spec.dataset(split)
     target = next(model.head.parameters()).device
     loader = DataLoader(range(len(dataset)), batch_size=batch_size, collate_fn=lambda rows: [dataset[i] for i in rows])
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "label"] + [f"p{c}" for c in range(model.head.bank.num_classes)])
-        done = 0
-        for items in loader:
-            probs = model(to_device(model.spec.collate([item[0] for item in items]), target)).cpu()
-            for item, row in zip(items, probs.tolist()):
-                writer.writerow([item[2], item[1]] + [f"{v:.6g}" for v in row])
-            done += len(items)
-            if on_batch is not None:
-                on_batch(done, len(dataset))
-    return Path(out)
+    ids, labels, probs = [], [], []
+    for items in loader:
+        probs.append(model(to_device(model.spec.collate([item[0] for item in items]), target)).cpu())
+        ids += [item[2] for item in items]
+        labels += [item[1] for item in items]
+        if on_batch is not None:
+            on_batch(len(ids), len(dataset))
+    classes = model.head.bank.num_classes
+    write_predictions(out, ids, torch.cat(probs).numpy() if probs else np.empty((0, classes)), labels=labels)
+    return out

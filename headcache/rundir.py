@@ -1,96 +1,416 @@
 """The run directory format: its one owner.
 
-A run directory holds ``config.json`` (written first: everything the run
-used), ``history.csv``, ``head_best.pt``, ``head_last.pt``, ``curves.png``,
-``predictions_<split>.csv`` and ``metrics.json``, written last: a directory
-without metrics.json is unfinished. Sweeps and cross-validation write one run
-directory per head in this same format, plus their tables and plots (also here).
+A run directory holds ``config.json`` (written first: the `RunRecord` of
+everything the run used), ``history.csv``, ``head_best.pt``, ``head_last.pt``,
+``curves.png``, ``predictions_<role>.csv`` and ``metrics.json``, written last.
+Sweeps and cross-validation write one run directory per head in this same
+format, plus their tables and plots (also written here). Every file is
+written to a temporary name in its folder and renamed into place when
+complete (`replaced_atomically`), so no reader ever sees half a file.
+
+NOTE [ Finished run directories ]
+A directory is complete only when its last file exists (`Layout.last`:
+metrics.json for a run, best_config.json for a sweep or cv). `Output` decides
+what a command may do with the directory it is given:
+- absent or empty: written in place;
+- unfinished (its first file but not its last, and nothing that is not
+  ours): the same command replaces it in place, without ``--overwrite``;
+- complete, or holding other files: refused without ``--overwrite``; with
+  it, a complete directory of ours is rebuilt in a staging sibling and
+  swapped in only when the new one is complete, so a failed or interrupted
+  ``--overwrite`` leaves the previous run byte-identical, and the new one
+  holds nothing of the old (no stale runs of a larger grid). A directory with
+  files that are not ours is never deleted: it is refused even then.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fnmatch
 import json
 import math
+import os
+import shutil
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from headcache.config import TrainConfig
-from headcache.errors import OutputExistsError
+from headcache.errors import CheckpointError, OutputExistsError, RunInterrupted
 from headcache.head import HeadModel, get_head
 from headcache.pooling import create_pool
 
 if TYPE_CHECKING:  # for type hints only: the loop sits above this module
     from headcache.train import FitResult
 
+RECORD_VERSION = 2  # config.json; version 1 (no "version" key) did not record dtype, classes or dims
+HEAD_FORMAT, HEAD_VERSION = "headcache-head", 1
+METRIC_KEYS = ("auroc", "auprc")
+_TEMP = ".*.tmp-*"  # names of temporary files being written (see `replaced_atomically`)
+
+
+# ---------------------------------------------------------------------------- files, written whole
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, the file written there replaces
+    ``path`` in one rename. On failure the temporary file goes and ``path`` is untouched."""
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # same suffix: writers infer formats
+    try:
+        yield temp
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    with replaced_atomically(path) as temp:
+        temp.write_text(json.dumps(_json_safe(value), indent=2, default=str))
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A header and rows (None written as an empty cell)."""
+    with replaced_atomically(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------- output directories
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one kind of output directory holds (NOTE [ Finished run directories ])."""
+
+    first: str  # written first: a directory holding it (and not `last`) is an unfinished one of ours
+    last: str  # written last: the directory is complete only when it exists
+    files: tuple[str, ...]  # every name it may hold (fnmatch patterns)
+    run_folders: tuple[str, ...] = ()  # folders of run directories (`RUN` layout each)
+
+
+RUN = Layout("config.json", "metrics.json", ("config.json", "metrics.json", "history.csv", "head_best.pt",
+                                            "head_last.pt", "curves.png", "predictions_*.csv"))
+SWEEP = Layout("runs", "best_config.json", ("leaderboard.csv", "leaderboard.json", "sweep.png", "best_config.json"),
+               ("runs",))
+CV = Layout("runs", "best_config.json", ("cv_folds.csv", "cv_folds.json", "cv_summary.csv", "cv_summary.json",
+                                         "oof.csv", "cv.png", "best_config.json"), ("runs", "refit"))
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "head_best.pt", "head_last.pt", "curves.png")
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse one that holds files unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists and is not empty; pass --overwrite to replace "
-                                "its files, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
+def foreign_entries(folder: Path, layout: Layout) -> list[Path]:
+    """The entries of ``folder`` that ``layout`` does not account for (they are someone else's)."""
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in layout.run_folders and entry.is_dir():
+            for run in sorted(entry.iterdir()):
+                out += foreign_entries(run, RUN) if run.is_dir() else [run]
+        elif not (entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in layout.files + (_TEMP,))):
+            out.append(entry)
     return out
 
 
-
-def write_config(out: Path, config: TrainConfig, **context: Any) -> None:
-    """config.json, written before the first epoch."""
-    (out / "config.json").write_text(json.dumps({"train": config.to_dict(), **context}, indent=2, default=str))
+def is_complete(folder: Path, layout: Layout = RUN) -> bool:
+    return (Path(folder) / layout.last).is_file()
 
 
-def save_run(out: Path, result: FitResult, *, hidden_dim: int, num_classes: int, fingerprint: str,
-             ids: dict[str, list[str]] | None = None) -> None:
-    """metrics.json, history.csv, head_best.pt, head_last.pt and curves.png of one head, and
-    predictions_<role>.csv for each evaluated role whose item ids are given."""
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    config.update({"loss_constants": result.loss.to_dict(), "monitor": result.monitor})
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    metrics = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
-               **result.metrics}
-    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
-    with open(out / "history.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(result.history[0]))
-        writer.writeheader()
-        writer.writerows(result.history)
+class Output:
+    """The directory a command writes, decided before any work (NOTE [ Finished run directories ]).
+
+    Use as ``with Output(out, RUN, overwrite=...) as folder:`` and write into
+    ``folder``: ``out`` itself, or a staging sibling swapped in when the block
+    succeeds. An interrupt (SIGINT, or SIGTERM as the CLI turns it) becomes
+    `RunInterrupted`, whose message says what was kept.
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` is a file; or it holds a complete run or other files and
+        ``overwrite`` is False; or it holds files that are not ours.
+    """
+
+    def __init__(self, out: str | Path, layout: Layout, *, overwrite: bool):
+        self.final, self.layout = Path(out), layout
+        self.staging = self.final.with_name(f".{self.final.name}.replacing")
+        self.previous = self.final.with_name(f".{self.final.name}.replaced")
+        if not self.final.exists() and self.previous.is_dir():  # a swap was cut between its two renames
+            os.replace(self.previous, self.final)
+        if self.final.exists() and not self.final.is_dir():
+            raise OutputExistsError(f"--out {self.final} is a file; give a directory")
+        entries = list(self.final.iterdir()) if self.final.is_dir() else []
+        foreign = foreign_entries(self.final, layout) if entries else []
+        if foreign:
+            raise OutputExistsError(f"--out {self.final} holds files that headcache did not write "
+                                    f"({foreign[0].relative_to(self.final)}); --overwrite replaces only "
+                                    "headcache's own directories: choose another directory")
+        complete = bool(entries) and is_complete(self.final, layout)
+        unfinished = bool(entries) and not complete and (self.final / layout.first).exists()
+        if entries and not unfinished and not overwrite:
+            what = "holds a complete run" if complete else "already exists and is not empty"
+            raise OutputExistsError(f"--out {self.final} {what}; pass --overwrite to replace it, or choose "
+                                    "another directory")
+        self.staged = complete  # something complete to keep until its successor is
+        self.clear = bool(entries) and not complete  # nothing complete: replaced in place
+        self.path = self.staging if self.staged else self.final
+
+    def __enter__(self) -> Path:
+        if self.staged:
+            if self.staging.exists():  # left by an --overwrite that was killed: never complete, ours by name
+                shutil.rmtree(self.staging)
+            self.staging.mkdir()
+        elif self.clear:  # an unfinished run of ours: the same command starts it again
+            for entry in self.final.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        self.final.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            if self.staged:  # swap: the previous run stays whole until the new one is
+                shutil.rmtree(self.previous, ignore_errors=True)
+                os.replace(self.final, self.previous)
+                os.replace(self.staging, self.final)
+                shutil.rmtree(self.previous)
+            return
+        if self.staged:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+            raise RunInterrupted(self.interrupted_message()) from error
+
+    def interrupted_message(self) -> str:
+        if self.staged:
+            return (f"interrupted: {self.final} still holds the previous complete run, unchanged; "
+                    "the same command starts again")
+        return (f"interrupted: kept {self.final} as an unfinished run (no {self.layout.last}); the same command "
+                "starts it again, without --overwrite")
+
+
+# ---------------------------------------------------------------------------- the record of a run
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """A sweep head: its run name and grid values as given."""
+
+    KEY: ClassVar[str] = "sweep"
+    run: str
+    grid: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """A cv fold head: its fold of the joined ``splits``, cut with ``seed``."""
+
+    KEY: ClassVar[str] = "cv"
+    fold: int
+    folds: int
+    splits: list[str]
+    seed: int
+    train_rows: int
+    val_rows: int
+
+
+@dataclass(frozen=True)
+class RefitRun:
+    """A cv refit: every row of the joined split for the folds' mean best epoch count."""
+
+    KEY: ClassVar[str] = "refit"
+    epochs: int
+    mean_best_epoch: float
+    weights: str = "last"
+    note: str = "no held-out rows: history's val columns score the training rows"
+
+
+EXTRAS = (SweepRun, FoldRun, RefitRun)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run used, as config.json records it; export rebuilds the deployed model from it.
+
+    ``splits`` are (train, val, test) (val None for a refit, test None
+    without one). ``dtype`` is the cache's storage dtype: the deployed model
+    rounds the backbone's states through it, as the cache did. ``amp`` is the
+    cache's mixed precision once the cache records it. Layers join here when
+    the cache has them. ``loss_constants`` and ``monitor`` are learned and
+    added when the run finishes.
+    """
+
+    train: TrainConfig
+    cache: str
+    splits: tuple[str, str | None, str | None]
+    backbone_fingerprint: str
+    dtype: str
+    num_classes: int
+    hidden_dim: int
+    amp: str | None = None
+    extra: SweepRun | FoldRun | RefitRun | None = None
+    loss_constants: dict | None = None
+    monitor: str | None = None
+    REQUIRED: ClassVar[tuple[str, ...]] = ("cache", "splits", "backbone_fingerprint", "dtype", "num_classes",
+                                           "hidden_dim")
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"version": RECORD_VERSION, "train": self.train.to_dict()}
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("train", "extra")})
+        out["splits"] = list(self.splits)
+        if self.extra is not None:
+            out[self.extra.KEY] = {f.name: getattr(self.extra, f.name) for f in fields(self.extra)}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping, *, path: Path) -> "RunRecord":
+        """The record of a config.json's contents; fields added or removed since are defaulted or ignored.
+
+        Raises
+        ------
+        CheckpointError
+            A newer format version, or a field the record needs is missing.
+        """
+        version = d.get("version", 1)
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise CheckpointError(f"{path} has run record version {version!r}; this headcache reads up to "
+                                  f"{RECORD_VERSION}: upgrade headcache to use this run")
+        missing = [key for key in ("train",) + cls.REQUIRED if key not in d]
+        if missing:
+            raise CheckpointError(f"{path} does not record {', '.join(missing)} (written by an older headcache); "
+                                  "rerun the command that wrote this run to record it")
+        extra = next((kind(**_known(kind, d[kind.KEY])) for kind in EXTRAS if isinstance(d.get(kind.KEY), dict)),
+                     None)
+        values = {key: d[key] for key in _names(cls) if key in d and key not in ("train", "extra")}
+        return cls(**{**values, "train": train_config_from_dict(d["train"]), "splits": tuple(d["splits"]),
+                      "extra": extra})
+
+
+def _names(kind: type) -> list[str]:
+    return [f.name for f in fields(kind)]
+
+
+def _known(kind: type, d: Mapping) -> dict:
+    """The entries of ``d`` that are fields of ``kind``: ones added later keep their defaults."""
+    return {key: value for key, value in d.items() if key in _names(kind)}
+
+
+def train_config_from_dict(d: Mapping) -> TrainConfig:
+    """A TrainConfig from a recorded dict: settings removed since are ignored, ones added since defaulted."""
+    return TrainConfig(**_known(TrainConfig, d))
+
+
+def write_record(folder: Path, record: RunRecord) -> None:
+    """config.json: written before the first epoch, and again with the learned constants at the end."""
+    write_json(folder / "config.json", record.to_dict())
+
+
+def read_record(folder: str | Path) -> RunRecord:
+    """The RunRecord in ``folder``/config.json.
+
+    Raises
+    ------
+    CheckpointError
+        No config.json, not JSON, a newer version, or a needed field missing.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: --run must name a run directory written by headcache "
+                              "train, or one of a sweep's or cv's runs/<run> directories")
+    try:
+        content = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not JSON; rerun the command that wrote this run") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} is not a run record; rerun the command that wrote this run")
+    return RunRecord.from_dict(content, path=path)
+
+
+# ---------------------------------------------------------------------------- a finished run
+
+
+def save_run(folder: Path, result: FitResult, record: RunRecord, *, ids: dict[str, list[str]] | None = None) -> None:
+    """Every file of one finished head, metrics.json last: config.json (now with the learned loss
+    constants), history.csv, head_best.pt, head_last.pt, curves.png, and predictions_<role>.csv for each
+    evaluated role whose item ids are given."""
+    record = replace(record, loss_constants=result.loss.to_dict(), monitor=result.monitor)
+    write_record(folder, record)
+    columns = list(result.history[0])
+    write_csv(folder / "history.csv", columns, [[row[c] for c in columns] for row in result.history])
     for name, state, epoch in (("head_best.pt", result.best_state, result.best_epoch),
                                ("head_last.pt", result.last_state, result.epochs_run - 1)):
-        torch.save(head_checkpoint(result, state, epoch, hidden_dim, num_classes, fingerprint), out / name)
-    plot_curves(result.history, out / "curves.png", best_epoch=result.best_epoch)
+        with replaced_atomically(folder / name) as temp:
+            torch.save(head_checkpoint(result, state, epoch, record), temp)
+    plot_curves(result.history, folder / "curves.png", best_epoch=result.best_epoch)
     for role, probs in result.predictions.items():
         if ids and role in ids:
-            write_predictions(out / f"predictions_{role}.csv", ids[role], probs)
+            write_predictions(folder / f"predictions_{role}.csv", ids[role], probs)
+    write_json(folder / "metrics.json", {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                                         "monitor": result.monitor, **result.metrics})
 
 
-def write_predictions(path: Path, ids: Sequence[str], probs: np.ndarray) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id"] + [f"p{c}" for c in range(probs.shape[1])])
-        for item_id, row in zip(ids, probs):
-            writer.writerow([item_id] + [f"{v:.6g}" for v in row])
+def write_predictions(path: Path, ids: Sequence[str], probs: np.ndarray, labels: Sequence[Any] | None = None) -> None:
+    """``id[, label], p0..pC`` per item (probabilities to six significant digits; a None label is empty)."""
+    header = ["id"] + (["label"] if labels is not None else []) + [f"p{c}" for c in range(probs.shape[1])]
+    cells = [[item] for item in ids] if labels is None else [[item, label] for item, label in zip(ids, labels)]
+    write_csv(path, header, (first + [f"{v:.6g}" for v in row] for first, row in zip(cells, probs.tolist())))
 
 
-def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, hidden_dim: int,
-                    num_classes: int, fingerprint: str) -> dict:
-    """A head file: everything export and predict need, loadable with weights_only=True."""
-    return {"format": "headcache-head", "version": 1, "config": result.config.to_dict(), "epoch": epoch,
-            "monitor": result.monitor, "best_value": result.best_value, "hidden_dim": hidden_dim,
-            "num_classes": num_classes, "backbone_fingerprint": fingerprint, "state": state}
+# ---------------------------------------------------------------------------- head files
 
 
-def head_from_checkpoint(checkpoint: dict) -> nn.Module:
-    """Rebuild a trained pool + head (eval mode) from a head file's contents."""
-    config = TrainConfig(**checkpoint["config"])
+def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, record: RunRecord) -> dict:
+    """A head file's contents: everything export and predict need, loadable with weights_only=True."""
+    return {"format": HEAD_FORMAT, "version": HEAD_VERSION, "config": result.config.to_dict(), "epoch": epoch,
+            "monitor": result.monitor, "best_value": result.best_value, "hidden_dim": record.hidden_dim,
+            "num_classes": record.num_classes, "backbone_fingerprint": record.backbone_fingerprint, "state": state}
+
+
+def read_head(path: str | Path) -> dict:
+    """A head file's contents, checked to be one.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable (empty, truncated), not a head file, or a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if is_complete(path.parent) else f" ({path.parent} has no metrics.json: its run did not finish)"
+        raise CheckpointError(f"{path} does not exist{hint}: --run must name a finished run directory written by "
+                              "headcache train, or one of a sweep's or cv's runs/<run> directories")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several kinds for damaged files; each means the same here
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}); it is damaged: rerun the command "
+                              "that wrote its run") from None
+    check_head(checkpoint, path)
+    return checkpoint
+
+
+def check_head(checkpoint: Any, path: str | Path) -> None:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != HEAD_FORMAT:
+        raise CheckpointError(f"{path} is not a head file written by headcache")
+    version = checkpoint.get("version")
+    if not isinstance(version, int) or version > HEAD_VERSION:
+        raise CheckpointError(f"{path} has head format version {version!r}; this headcache reads up to "
+                              f"{HEAD_VERSION}: upgrade headcache to use it")
+
+
+def head_from_checkpoint(checkpoint: dict, *, path: str | Path = "the head file") -> nn.Module:
+    """Rebuild a trained pool + head (eval mode) from a head file's contents.
+
+    The recorded config is read tolerantly (`train_config_from_dict`), so a
+    head file stays loadable when TrainConfig gains or loses a setting.
+    """
+    check_head(checkpoint, path)
+    config = train_config_from_dict(checkpoint["config"])
     bank = get_head(config.head)(1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
-                    [config.dropout])
+                                 [config.dropout])
     pool = create_pool(config.pool, num_heads=1, dim=checkpoint["hidden_dim"])
     model = HeadModel(bank, pool)
     model.load_head_state(0, checkpoint["state"])
@@ -107,14 +427,63 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------- tables and plots
+
+
+def write_table(stem: Path, rows: list[dict]) -> None:
+    """``stem``.csv and ``stem``.json of the same rows."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    write_csv(stem.with_suffix(".csv"), columns, [[row.get(c) for c in columns] for row in rows])
+    write_json(stem.with_suffix(".json"), rows)
+
+
+def result_columns(result: FitResult) -> dict:
+    """best_epoch, epochs_run and, per split and metric, the value and its 95% interval."""
+    columns: dict[str, Any] = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    for role in ("val", "test"):
+        columns.update(metric_columns(role, result.metrics.get(role, {})))
+    return columns
+
+
+def metric_columns(prefix: str, metrics: dict) -> dict:
+    columns = {}
+    for metric in METRIC_KEYS:
+        low, high = metrics.get(f"{metric}_ci") or (None, None)
+        columns.update({f"{prefix}_{metric}": _finite(metrics.get(metric)),
+                        f"{prefix}_{metric}_ci_low": low, f"{prefix}_{metric}_ci_high": high})
+    columns[f"{prefix}_accuracy"] = metrics.get("accuracy")
+    return columns
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def best_first(rows: list[dict], key: str) -> list[dict]:
+    """Best ``key`` first; rows without a value last, in their order."""
+    return sorted(rows, key=lambda row: (row[key] is None, -(row[key] or 0.0)))
+
+
+def _figure(size: tuple[float, float], columns: int = 1) -> tuple[Any, list]:
+    """A matplotlib Figure on its own Agg canvas, and its axes: no pyplot, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: matplotlib is slow to import
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    with replaced_atomically(path) as temp:
+        figure.savefig(temp, dpi=100, format="png")
+
+
 def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """curves.png: train and val loss, val AUROC and AUPRC per epoch, the best epoch marked."""
+    figure, (ax_loss, ax_metric) = _figure((10, 4), columns=2)
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val loss")
     ax_metric.plot(epochs, [r["val_auroc"] for r in history], label="val AUROC")
@@ -124,34 +493,14 @@ def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
             ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch")
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def write_table(stem: Path, rows: list[dict]) -> None:
-    """``stem``.csv and ``stem``.json of the same rows."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(stem.with_suffix(".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    write_json(stem.with_suffix(".json"), rows)
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str))
+    _save_figure(figure, path)
 
 
 def plot_leaderboard(rows: list[dict], path: Path, *, title: str, metric: str = "val_auroc",
                      label: str = "run") -> None:
     """Each row's ``metric`` with its 95% interval, best at the top (rows without a value are left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [row for row in rows if row.get(metric) is not None][::-1]
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.28 * max(1, len(shown))))
+    figure, [ax] = _figure((8, 1.5 + 0.28 * max(1, len(shown))))
     values = np.array([row[metric] for row in shown], dtype=float)
     low, high = (np.array([row[metric] if row.get(f"{metric}_{end}") is None else row[f"{metric}_{end}"]
                            for row in shown], dtype=float) for end in ("ci_low", "ci_high"))
@@ -161,9 +510,4 @@ def plot_leaderboard(rows: list[dict], path: Path, *, title: str, metric: str = 
     ax.set_xlabel(f"{metric.replace('_', ' ')} (95% bootstrap interval)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- cross-validation
+    _save_figure(figure, path)

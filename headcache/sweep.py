@@ -1,8 +1,10 @@
-"""Many heads from one cache: grid sweeps and stratified cross-validation.
+"""Grid sweeps: many heads from one cache, as few batched computations as the grid allows.
 
-Both turn their settings into a list of heads, group the heads that can share
-one bank (equal `bank_key`: same features, same batch size; and the same
-splits), and train each group with ONE call of `train.fit`: one forward and
+This module also holds what cv.py shares with it: the heads of a grid
+(`expand_grid`) and banks (`group_banks`, `train_banks`); the tables and plots
+of both are rundir.py's. Both turn their settings into a list of heads, group
+the heads that can share one bank (equal `bank_key`: same features, same batch
+size; and the same splits), and train each group with ONE call of `train.fit`: one forward and
 one backward per step for all heads of the group, each head with its own lr,
 weight decay, schedule, early stopping, seeds and best weights. A head trained
 here is therefore the head that `train` trains with the same config and seed
@@ -15,7 +17,6 @@ with the values as they were given.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -28,12 +29,22 @@ from headcache.config import TrainConfig, config_from_options
 from headcache.devices import resolve_device
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
-from headcache.rundir import plot_leaderboard, prepare_out_dir, save_run, write_config, write_json, write_table
-from headcache.train import FitResult, HeadTask, bank_key, fit, num_classes_of, resolve_splits
+from headcache.rundir import (
+    SWEEP,
+    Output,
+    SweepRun,
+    best_first,
+    plot_leaderboard,
+    result_columns,
+    save_run,
+    write_json,
+    write_record,
+    write_table,
+)
+from headcache.train import FitResult, HeadTask, bank_key, fit, num_classes_of, resolve_splits, run_record
 
 EpochHook = Callable[[int, dict[str, dict]], None]
 GRID_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
-METRIC_KEYS = ("auroc", "auprc")
 
 
 # ---------------------------------------------------------------------------- heads from a grid
@@ -226,7 +237,8 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     base : TrainConfig
         The settings the grid does not name.
     overwrite : bool
-        Write into an ``out`` that holds files.
+        Replace a complete sweep at ``out`` (only once the new one is complete; an unfinished
+        one is replaced without it). See NOTE [ Finished run directories ] in rundir.py.
     on_epoch : callable, optional
         Called after each epoch of each bank with (epoch, {run name: history row}) for the heads
         still training.
@@ -235,6 +247,10 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     ------
     ConfigError
         A grid key or value is invalid (checked before anything trains).
+    OutputExistsError
+        ``out`` holds a complete sweep and ``overwrite`` is False, or files headcache did not write.
+    RunInterrupted
+        Ctrl-C (or SIGTERM from the CLI): its message says what was kept.
 
     Example
     -------
@@ -246,66 +262,36 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     sources = FeatureSources(cache)
     first = sources(heads[0].config)
     splits = {head.name: resolve_splits(head.config, first.splits) for head in heads}
-    out = prepare_out_dir(out, overwrite)
-    for head in heads:
-        run_dir = out / "runs" / head.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, head.config, cache=str(cache), splits=splits[head.name],
-                     fingerprint=first.backbone_fingerprint, sweep={"run": head.name, "grid": dict(head.texts)})
-    every_split = {s for names in splits.values() for s in names if s}
-    num_classes = num_classes_of(first, sorted(every_split))
-    banks = group_banks(((bank_key(h.config), splits[h.name], FeatureSources.key(h.config)), h.name,
-                    HeadTask(h.config, *_split_rows(first, splits[h.name]))) for h in heads)
-    results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim, on_epoch=on_epoch)
-
-    for head in heads:
-        save_head_run(out / "runs" / head.name, results[head.name], first, num_classes,
-              {role: first.ids(split) for role, split in zip(("val", "test"), splits[head.name][1:]) if split})
-    keys = [key for key, _ in heads[0].texts]
-    rows = best_first([{"run": head.name, **dict(head.values), "seed": head.seed,
-                     **result_columns(results[head.name])} for head in heads], "val_auroc")
-    write_table(out / "leaderboard", rows)
-    best = next(h for h in heads if h.name == rows[0]["run"])
-    write_json(out / "best_config.json", {"run": best.name, "train": best.config.to_dict(),
-                                           **{k: v for k, v in rows[0].items() if k.startswith(("val_", "test_"))}})
-    plot_leaderboard(rows, out / "sweep.png", title=f"sweep over {', '.join(keys) or 'seeds'}: "
-                     f"{len(rows)} heads, {len(banks)} bank{'s' if len(banks) != 1 else ''}")
-    return SweepResult(out, rows, [b.heads for b in banks], results, time.perf_counter() - started)
+    output = Output(out, SWEEP, overwrite=overwrite)
+    num_classes = num_classes_of(first, sorted({s for names in splits.values() for s in names if s}))
+    records = {h.name: run_record(first, h.config, splits[h.name], num_classes, SweepRun(h.name, dict(h.texts)))
+               for h in heads}
+    with output as folder:
+        for head in heads:
+            (folder / "runs" / head.name).mkdir(parents=True)
+            write_record(folder / "runs" / head.name, records[head.name])
+        banks = group_banks(((bank_key(h.config), splits[h.name], FeatureSources.key(h.config)), h.name,
+                             HeadTask(h.config, *_split_rows(first, splits[h.name]))) for h in heads)
+        results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim,
+                              on_epoch=on_epoch)
+        for head in heads:
+            save_run(folder / "runs" / head.name, results[head.name], records[head.name],
+                     ids={role: first.ids(split) for role, split in zip(("val", "test"), splits[head.name][1:])
+                          if split})
+        keys = [key for key, _ in heads[0].texts]
+        rows = best_first([{"run": head.name, **dict(head.values), "seed": head.seed,
+                            **result_columns(results[head.name])} for head in heads], "val_auroc")
+        write_table(folder / "leaderboard", rows)
+        plot_leaderboard(rows, folder / "sweep.png", title=f"sweep over {', '.join(keys) or 'seeds'}: "
+                         f"{len(rows)} heads, {len(banks)} bank{'s' if len(banks) != 1 else ''}")
+        best = next(h for h in heads if h.name == rows[0]["run"])
+        write_json(folder / SWEEP.last, {"run": best.name, "train": best.config.to_dict(),
+                                         **{k: v for k, v in rows[0].items() if k.startswith(("val_", "test_"))}})
+    return SweepResult(output.final, rows, [b.heads for b in banks], results, time.perf_counter() - started)
 
 
 def _split_rows(source: CachedFeatures, splits: tuple) -> tuple:
     """HeadTask's (train, val, test) arguments: every row of each split."""
     train, val, test = splits
-    return (train, every_row(source, train)), (val, every_row(source, val)), ((test, every_row(source, test)) if test else None)
-
-
-def save_head_run(run_dir: Path, result: FitResult, source: CachedFeatures, num_classes: int, ids: dict) -> None:
-    save_run(run_dir, result, hidden_dim=source.hidden_dim, num_classes=num_classes,
-             fingerprint=source.backbone_fingerprint, ids=ids)
-
-
-def result_columns(result: FitResult) -> dict:
-    """best_epoch, epochs_run and, per split and metric, the value and its 95% interval."""
-    columns: dict[str, Any] = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    for role in ("val", "test"):
-        columns.update(metric_columns(role, result.metrics.get(role, {})))
-    return columns
-
-
-def metric_columns(prefix: str, metrics: dict) -> dict:
-    columns = {}
-    for metric in METRIC_KEYS:
-        low, high = metrics.get(f"{metric}_ci") or (None, None)
-        columns.update({f"{prefix}_{metric}": _finite(metrics.get(metric)),
-                        f"{prefix}_{metric}_ci_low": low, f"{prefix}_{metric}_ci_high": high})
-    columns[f"{prefix}_accuracy"] = metrics.get("accuracy")
-    return columns
-
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def best_first(rows: list[dict], key: str) -> list[dict]:
-    """Best ``key`` first; rows without a value last, in their order."""
-    return sorted(rows, key=lambda row: (row[key] is None, -(row[key] or 0.0)))
+    return ((train, every_row(source, train)), (val, every_row(source, val)),
+            ((test, every_row(source, test)) if test else None))

@@ -35,7 +35,7 @@ from headcache.losses import LossConstants, default_loss, loss_constants, stack_
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
 from headcache.optim import StackedAdamW, clip_per_head
 from headcache.pooling import create_pool
-from headcache.rundir import prepare_out_dir, save_run, write_config
+from headcache.rundir import RUN, FoldRun, Output, RefitRun, RunRecord, SweepRun, save_run, write_record
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
 
@@ -327,7 +327,8 @@ def tasks_for_splits(configs: Sequence[TrainConfig], source: Any,
 
 
 def num_classes_of(source: Any, splits: Sequence[str | None]) -> int:
-    top = max(int(source.labels(s).max()) for s in splits if s)
+    """C from the largest label of ``splits`` (at least 2; an empty split adds nothing)."""
+    top = max((int(labels.max()) for s in splits if s and len(labels := source.labels(s))), default=0)
     return max(2, top + 1)
 
 
@@ -344,9 +345,28 @@ class TrainResult:
         return self.result.metrics
 
 
+def run_record(source: CachedFeatures, config: TrainConfig, splits: Sequence[str | None], num_classes: int,
+               extra: SweepRun | FoldRun | RefitRun | None = None) -> RunRecord:
+    """The RunRecord of a head trained from ``source``: what train, sweep and cv write to config.json."""
+    train_split, val, test = splits
+    return RunRecord(config, str(source.path), (train_split, val, test), source.backbone_fingerprint, source.dtype,
+                     num_classes, source.hidden_dim, extra=extra)
+
+
 def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
           overwrite: bool = False, on_epoch: Callable[[int, list[dict]], None] | None = None) -> TrainResult:
     """Train one head from a cache and write its run directory.
+
+    An unfinished run directory at ``out`` (no metrics.json) is replaced
+    without ``overwrite``; a complete one only with it, and only when the new
+    run completes (NOTE [ Finished run directories ] in rundir.py).
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` holds a complete run and ``overwrite`` is False, or files headcache did not write.
+    RunInterrupted
+        Ctrl-C (or SIGTERM from the CLI): its message says what was kept.
 
     Example
     -------
@@ -357,15 +377,13 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
                             memory_budget=config.memory_budget)
     splits = resolve_splits(config, source.splits)
-    out = prepare_out_dir(out, overwrite)
-    write_config(out, config, cache=str(cache), splits=splits, fingerprint=source.backbone_fingerprint,
-                 dtype=source.dtype)
+    output = Output(out, RUN, overwrite=overwrite)
     num_classes = num_classes_of(source, splits)
-    [result] = fit(source, tasks_for_splits([config], source, splits), num_classes=num_classes,
-                   hidden_dim=source.hidden_dim, on_epoch=on_epoch)
-    save_run(out, result, hidden_dim=source.hidden_dim, num_classes=num_classes,
-             fingerprint=source.backbone_fingerprint,
-             ids={role: source.ids(split) for role, split in zip(("val", "test"), splits[1:]) if split})
-    return TrainResult(out, result, time.perf_counter() - started)
-
-
+    record = run_record(source, config, splits, num_classes)
+    with output as folder:
+        write_record(folder, record)
+        [result] = fit(source, tasks_for_splits([config], source, splits), num_classes=num_classes,
+                       hidden_dim=source.hidden_dim, on_epoch=on_epoch)
+        save_run(folder, result, record,
+                 ids={role: source.ids(split) for role, split in zip(("val", "test"), splits[1:]) if split})
+    return TrainResult(output.final, result, time.perf_counter() - started)
