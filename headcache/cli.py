@@ -218,8 +218,8 @@ def extract_command(
     """Run the backbone once over the spec's splits and write the HDF5 cache (under torchrun: one shard per
     process, merged by rank 0)."""
     from headcache.config import config_from_values
-    from headcache.distributed import extract_distributed, extract_shard, parse_shard, torchrun_world
-    from headcache.extract import extract, plan_extraction
+    from headcache.distributed import parse_shard, torchrun_world
+    from headcache.extract import extract, extract_distributed, extract_shard, plan_extraction
 
     with _user_errors(ctx):
         config = config_from_values(ExtractConfig, {**settings, "key_map": _key_map(key_map)})
@@ -550,16 +550,20 @@ def sweep_command(
     quiet: bool = typer.Option(False, "--quiet", help="Do not print every epoch."),
     settings: dict = None,
 ) -> None:
-    """Train a grid of heads (x seeds), those that can as one batched computation; print the leaderboard."""
+    """Train a grid of heads (x seeds), those that can as one batched computation; print the leaderboard
+    (under torchrun: the batched banks spread over the processes, rank 0 writes)."""
     from rich.table import Column
 
     from headcache.config import config_from_options
+    from headcache.distributed import torchrun_ranks
     from headcache.sweep import sweep
 
-    with _user_errors(ctx):
+    with _user_errors(ctx), torchrun_ranks() as ranks:
         base = config_from_options(settings)
         result = sweep(cache, out, _grid(grid), seeds=_seeds(seeds), base=base, overwrite=overwrite,
-                       on_epoch=None if quiet else _bank_printer())
+                       on_epoch=None if quiet else _bank_printer(), ranks=ranks)
+        if result is None:  # another rank of a torchrun: rank 0 reports
+            return
         table = Table("#", Column("run", overflow="fold"), "best epoch", "val AUROC (95% CI)", "val AUPRC (95% CI)",
                       "test AUROC (95% CI)", "test AUPRC (95% CI)",
                       title=f"{len(result.leaderboard)} heads, best val AUROC first")

@@ -1,4 +1,5 @@
-"""Extraction beyond one process: torchrun ranks and scheduler shards, joined into one cache.
+"""Work beyond one process: torchrun ranks (for extraction and sweeps), scheduler shards, and the merge of
+parts into one cache. extract.py runs a shard or a rank of an extraction; sweep.py spreads its banks with `Ranks`.
 
 NOTE [ Shards ]
 Shard i of n extracts a contiguous slice of every split (`shard_bounds`):
@@ -19,21 +20,19 @@ waiting at a barrier.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from headcache.config import ExtractConfig
 from headcache.errors import CacheError, ConfigError, HeadcacheError, OutputExistsError
-from headcache.extract import ExtractResult, extract
-from headcache.spec import resolve_spec
 from headcache.store import CacheReader, CacheWriter
 
 MERGE_BLOCK = 4096  # sequences copied per write: large reads, bounded memory
@@ -103,29 +102,13 @@ class ShardDataset(torch.utils.data.Dataset):
         return self.dataset[self.start + i]
 
 
-def extract_shard(spec: str | Any, checkpoint: str | Path | None, out: str | Path, config: ExtractConfig,
-                  shard: tuple[int, int], *, spec_options: dict[str, str] | None = None,
-                  **hooks: Callable) -> ExtractResult | None:
-    """Extract shard ``shard = (I, N)`` into `part_path` (out, I, N); resumes an interrupted part.
-
-    Returns None when the part is already complete (nothing to do).
-    """
-    index, count = shard
-    part = part_path(out, index, count)
-    if part.exists() and not config.overwrite and _complete(part):
-        return None
-    spec_object = resolve_spec(spec, spec_options) if isinstance(spec, str) else spec
-    return extract(ShardSpec(spec_object, index, count, _spec_text(spec, spec_options)), checkpoint, part, config,
-                   **hooks)
-
-
-def _spec_text(spec: str | Any, spec_options: dict[str, str] | None) -> str:
+def spec_text(spec: str | Any, spec_options: dict[str, str] | None) -> str:
     """The cache's spec attribute as an unsharded `extract` writes it."""
     text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
     return text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else "")
 
 
-def _complete(path: Path) -> bool:
+def part_complete(path: Path) -> bool:
     try:
         with CacheReader(path) as reader:
             return all(reader.split(name, require_complete=False).complete for name in reader.splits)
@@ -274,6 +257,46 @@ def torchrun_world() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of a torchrun job, as work is spread over them: rank r takes items r, r + world, ...
+    (`mine`), runs on its own GPU where there is one (`device`), and rank 0 collects (`gather`)."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    def mine(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def device(self, config_device: str) -> str:
+        return rank_device(config_device, self.local_rank)
+
+    def gather(self, results: dict) -> dict | None:
+        """The union of every rank's ``results`` on rank 0 (None on the others), sent as pickled objects."""
+        import torch.distributed as dist
+
+        gathered: list | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        return None if gathered is None else {key: value for part in gathered for key, value in part.items()}
+
+
+@contextlib.contextmanager
+def torchrun_ranks() -> Iterator[Ranks | None]:
+    """The job's Ranks under torchrun (a gloo group: only small objects travel), else None."""
+    world = torchrun_world()
+    if world is None:
+        yield None
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        yield Ranks(*world)
+    finally:
+        dist.destroy_process_group()
+
+
 def rank_device(config_device: str, local_rank: int) -> str:
     """One GPU per rank: ``auto`` (or ``cuda``) becomes cuda:LOCAL_RANK where there is CUDA."""
     if config_device in ("auto", "cuda") and torch.cuda.is_available():
@@ -281,33 +304,7 @@ def rank_device(config_device: str, local_rank: int) -> str:
     return config_device
 
 
-def extract_distributed(spec: str | Any, checkpoint: str | Path | None, out: str | Path,
-                        config: ExtractConfig = ExtractConfig(), *, spec_options: dict[str, str] | None = None,
-                        keep_parts: bool = False, **hooks: Callable) -> MergeResult | None:
-    """This rank's shard of a torchrun extraction, then (rank 0) the merge into ``out``.
-
-    Every rank returns once the merged file is in place (rank 0 returns its MergeResult, the others None).
-    A failure on any rank raises on every rank.
-    """
-    import torch.distributed as dist
-
-    rank, world, local_rank = torchrun_world() or (0, 1, 0)
-    out = Path(out)
-    if out.exists() and not config.overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to extract again")
-    config = replace(config, device=rank_device(config.device, local_rank))
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    try:
-        _agree(lambda: extract_shard(spec, checkpoint, out, config, (rank, world), spec_options=spec_options,
-                                     **(hooks if rank == 0 else {})), rank, "extraction")
-        return _agree(lambda: merge_parts(out, keep_parts=keep_parts, overwrite=config.overwrite) if rank == 0
-                      else None, rank, "merge")
-    finally:
-        dist.destroy_process_group()
-
-
-def _agree(step: Callable[[], Any], rank: int, what: str) -> Any:
+def agree(step: Callable[[], Any], rank: int, what: str) -> Any:
     """Run ``step`` on every rank; all ranks learn whether all succeeded (instead of a barrier that a failed
     rank never reaches). The failed rank raises its own error; the others a CacheError naming it."""
     import torch.distributed as dist

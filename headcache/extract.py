@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,7 +33,18 @@ from headcache._version import __version__
 from headcache.checkpoint import LoadReport
 from headcache.config import AMP_DTYPES, ExtractConfig  # ExtractConfig re-exported: it lived here
 from headcache.devices import resolve_device, to_device
-from headcache.errors import ConfigError, DataError, NonFiniteError
+from headcache.distributed import (
+    MergeResult,
+    ShardSpec,
+    agree,
+    merge_parts,
+    part_complete,
+    part_path,
+    rank_device,
+    spec_text,
+    torchrun_world,
+)
+from headcache.errors import ConfigError, DataError, NonFiniteError, OutputExistsError
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
 from headcache.spec import load_backbone, resolve_spec, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
@@ -317,6 +328,51 @@ def _block(rows: list[tuple]) -> tuple:
     ids = [r[2] for r in rows]
     pooled = {name: np.stack([r[3][name] for r in rows]) for name in rows[0][3]}
     return tokens, labels, ids, pooled
+
+
+# ---------------------------------------------------------------------------- shards and torchrun (NOTE [ Shards ] in distributed.py)
+
+
+def extract_shard(spec: str | Any, checkpoint: str | Path | None, out: str | Path, config: ExtractConfig,
+                  shard: tuple[int, int], *, spec_options: dict[str, str] | None = None,
+                  **hooks: Callable) -> ExtractResult | None:
+    """Extract shard ``shard = (I, N)`` into `part_path` (out, I, N); resumes an interrupted part.
+
+    Returns None when the part is already complete (nothing to do).
+    """
+    index, count = shard
+    part = part_path(out, index, count)
+    if part.exists() and not config.overwrite and part_complete(part):
+        return None
+    spec_object = resolve_spec(spec, spec_options) if isinstance(spec, str) else spec
+    return extract(ShardSpec(spec_object, index, count, spec_text(spec, spec_options)), checkpoint, part, config,
+                   **hooks)
+
+
+def extract_distributed(spec: str | Any, checkpoint: str | Path | None, out: str | Path,
+                        config: ExtractConfig = ExtractConfig(), *, spec_options: dict[str, str] | None = None,
+                        keep_parts: bool = False, **hooks: Callable) -> MergeResult | None:
+    """This rank's shard of a torchrun extraction, then (rank 0) the merge into ``out``.
+
+    Every rank returns once the merged file is in place (rank 0 returns its MergeResult, the others None).
+    A failure on any rank raises on every rank.
+    """
+    import torch.distributed as dist
+
+    rank, world, local_rank = torchrun_world() or (0, 1, 0)
+    out = Path(out)
+    if out.exists() and not config.overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to extract again")
+    config = replace(config, device=rank_device(config.device, local_rank))
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    try:
+        agree(lambda: extract_shard(spec, checkpoint, out, config, (rank, world), spec_options=spec_options,
+                                    **(hooks if rank == 0 else {})), rank, "extraction")
+        return agree(lambda: merge_parts(out, keep_parts=keep_parts, overwrite=config.overwrite) if rank == 0
+                     else None, rank, "merge")
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- extract --plan

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -27,6 +27,7 @@ import torch
 
 from headcache.config import TrainConfig, config_from_options
 from headcache.devices import resolve_device
+from headcache.distributed import Ranks
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
 from headcache.rundir import (
@@ -157,15 +158,23 @@ class Bank:
 
 
 def train_banks(sources: FeatureSources, banks: list[Bank], *, num_classes: int, hidden_dim: int,
-                 on_epoch: EpochHook | None) -> dict[str, FitResult]:
-    """One `fit` per bank: the results of every head, by name."""
+                on_epoch: EpochHook | None, ranks: Ranks | None = None) -> dict[str, FitResult] | None:
+    """One `fit` per bank: the results of every head, by name.
+
+    Under torchrun (``ranks``), each rank trains its share of the banks on its own device and rank 0
+    receives every result (the others get None). A bank's computation does not depend on which rank
+    runs it, so the results are those of one process on the same kind of device.
+    """
     results: dict[str, FitResult] = {}
-    for bank in banks:
+    for bank in banks if ranks is None else ranks.mine(banks):
+        tasks = bank.tasks if ranks is None else [
+            replace(task, config=replace(task.config, device=ranks.device(task.config.device))) for task in bank.tasks]
         hook = None if on_epoch is None else _named(on_epoch, bank.heads)
-        fitted = fit(sources(bank.tasks[0].config), bank.tasks, num_classes=num_classes, hidden_dim=hidden_dim,
-                     on_epoch=hook)
+        fitted = fit(sources(tasks[0].config), tasks, num_classes=num_classes, hidden_dim=hidden_dim, on_epoch=hook)
+        for result, task in zip(fitted, bank.tasks):
+            result.config = task.config  # the config as asked, not this rank's device
         results.update(zip(bank.heads, fitted))
-    return results
+    return results if ranks is None else ranks.gather(results)
 
 
 def _named(on_epoch: EpochHook, names: list[str]) -> Callable[[int, list[dict]], None]:
@@ -220,7 +229,7 @@ class SweepResult:
 
 def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] | None, *,
           seeds: Sequence[int] = (0,), base: TrainConfig = TrainConfig(), overwrite: bool = False,
-          on_epoch: EpochHook | None = None) -> SweepResult:
+          on_epoch: EpochHook | None = None, ranks: Ranks | None = None) -> SweepResult | None:
     """Train every head of a grid, as few batched computations as the grid allows.
 
     Parameters
@@ -242,6 +251,9 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     on_epoch : callable, optional
         Called after each epoch of each bank with (epoch, {run name: history row}) for the heads
         still training.
+    ranks : Ranks, optional
+        Under torchrun (`distributed.torchrun_ranks`): the banks are spread over the ranks and rank 0
+        writes everything; the other ranks return None.
 
     Raises
     ------
@@ -262,18 +274,22 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     sources = FeatureSources(cache)
     first = sources(heads[0].config)
     splits = {head.name: resolve_splits(head.config, first.splits) for head in heads}
-    output = Output(out, SWEEP, overwrite=overwrite)
     num_classes = num_classes_of(first, sorted({s for names in splits.values() for s in names if s}))
+    banks = group_banks(((bank_key(h.config), splits[h.name], FeatureSources.key(h.config)), h.name,
+                         HeadTask(h.config, *_split_rows(first, splits[h.name]))) for h in heads)
+    if ranks is not None and ranks.rank > 0:  # a helper rank: its results go to rank 0, which writes
+        train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim, on_epoch=None,
+                    ranks=ranks)
+        return None
+    output = Output(out, SWEEP, overwrite=overwrite)
     records = {h.name: run_record(first, h.config, splits[h.name], num_classes, SweepRun(h.name, dict(h.texts)))
                for h in heads}
     with output as folder:
         for head in heads:
             (folder / "runs" / head.name).mkdir(parents=True)
             write_record(folder / "runs" / head.name, records[head.name])
-        banks = group_banks(((bank_key(h.config), splits[h.name], FeatureSources.key(h.config)), h.name,
-                             HeadTask(h.config, *_split_rows(first, splits[h.name]))) for h in heads)
         results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim,
-                              on_epoch=on_epoch)
+                              on_epoch=on_epoch, ranks=ranks)
         for head in heads:
             save_run(folder / "runs" / head.name, results[head.name], records[head.name],
                      ids={role: first.ids(split) for role, split in zip(("val", "test"), splits[head.name][1:])

@@ -183,3 +183,25 @@ def test_readme_commands_for_many_processes_run_as_written(tmp_path):
             assert a.split(name).ids == b.split(name).ids and a.split(name).n > 0
             np.testing.assert_array_equal(a.split(name).offsets, b.split(name).offsets)
             np.testing.assert_array_equal(a.split(name).tokens(), b.split(name).tokens())  # same slices, batches
+
+
+def test_a_two_rank_sweep_equals_a_one_process_sweep(tmp_path, signal_cache):
+    """Two banks (mlp and linear heads) spread over 2 ranks: the same leaderboard and head weights."""
+    import json
+
+    import torch
+
+    grid = ["sweep", "--cache", str(signal_cache), "--grid", "lr=1e-3,3e-3", "--grid", "head=mlp,linear",
+            "--epochs", "3", "--device", "cpu", "--quiet"]
+    one = runner.invoke(app, grid + ["--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    done = torchrun(grid + ["--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("heads trained in 2 batched banks") == 1  # rank 0 alone reports
+    board = [json.loads((tmp_path / out / "leaderboard.json").read_text()) for out in ("one", "two")]
+    assert board[0] == board[1] and len(board[0]) == 4
+    for row in board[0]:
+        a, b = (torch.load(tmp_path / out / "runs" / row["run"] / "head_best.pt", weights_only=True)
+                for out in ("one", "two"))
+        assert a["config"] == b["config"] and a["config"]["device"] == "cpu"
+        assert all(torch.equal(a["state"][name], b["state"][name]) for name in a["state"])
