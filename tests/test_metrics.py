@@ -11,8 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from headcache.metrics import (SingleClassWarning, bootstrap_intervals, classification_metrics, counted_rows, rows_auprc,
-                              rows_auroc)
+from headcache.metrics import (
+    SingleClassWarning,
+    bootstrap_intervals,
+    classification_metrics,
+    counted_rows,
+    rows_auprc,
+    rows_auroc,
+)
 
 
 @settings(max_examples=100, deadline=None)
