@@ -4,7 +4,7 @@ A synthetic float16 token cache (D 256) at least 4x ``--budget`` is trained
 with the learned pool twice, each in its own process so that peak RSS is its
 own: once with a budget that holds every split (in memory), once with
 ``--budget`` (the splits stream from the file: NOTE [ Streaming tokens ] in
-headcache/features.py). Peak RSS includes the interpreter and its libraries
+headcache/stream.py). Peak RSS includes the interpreter and its libraries
 (torch, h5py, scikit-learn), measured after import too. Targets: streaming peak
 RSS <= budget + 300 MB; a streamed epoch <= 2x an in-memory epoch.
 
@@ -126,8 +126,8 @@ def main() -> None:
         "met_peak_rss_epochs": streamed["peak_rss_epochs_mb"] <= rss_limit,
         "met_peak_rss_with_final_evaluation": streamed["peak_rss_mb"] <= rss_limit,
         "note": "peak_rss_epochs_mb: when the last epoch ends (streaming and training); peak_rss_mb also "
-                "covers the final evaluation, whose bootstrap confidence intervals (metrics.py) hold "
-                "resamples x validation items arrays"})
+                "covers the final evaluation (best weights on val, full metrics and bootstrap CIs: "
+                "NOTE [ Final-evaluation memory ] in headcache/metrics.py)"})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ else: it never shuffles (batch order comes from the sampler in train.py).
   at extraction, so it hands out rows of an (N, D) matrix held on the device;
   the learnable pool gets per-token features gathered from the flat token
   matrix held on the device when it fits the memory budget, or streamed from
-  the file block by block when it does not (NOTE [ Streaming tokens ]).
+  the file block by block when it does not (NOTE [ Streaming tokens ] in
+  stream.py). Each source also builds the epoch sampler of a split
+  (`sampler`): a streamed split's keeps the file's blocks together.
 - `LiveFeatures` runs the frozen backbone on every request, as end-to-end
   training does: spec.dataset -> spec.collate -> spec.encode.
 
@@ -24,33 +26,11 @@ backbone's output through the same dtype before pooling, so the equivalence
 holds for float16 caches too. Both sides do this in one function
 (NOTE [ One seam ] in pooling.py).
 
-NOTE [ Streaming tokens ]
-A token split larger than what is left of the memory budget stays in the
-file. It is cut into blocks of consecutive sequences. Random rows would mean
-one small HDF5 read per sequence, so such a split proposes its own epoch
-order (`epoch_order`): blocks in random order, rows shuffled within each
-block. From the orders of an epoch and the first batch's size, the stream
-knows which blocks each step needs, and a prefetch thread reads them in that
-order, at most PREFETCH_BLOCKS ahead, while the current step trains. A step
-keeps only the blocks it uses, so a stream holds STREAM_FOOTPRINT blocks at
-most, whatever the file's size, and none while another split is read; its
-block size is set so that this footprint takes a third of the budget left,
-which keeps every split together within the budget and leaves room for the
-batches gathered from the blocks. Blocks are read into the same few reused
-buffers. Batches are gathered exactly as from memory: under the same order,
-streamed and in-memory features are equal, bit for bit. Requests outside the
-plan (evaluation reads rows in order) restart the reader there, reading ahead.
-
 Split names: "a+b" reads splits a and b concatenated (used by cross-validation).
 """
 from __future__ import annotations
 
-import atexit
-import collections
 import os
-import queue
-import threading
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,32 +41,12 @@ from torch import Tensor, nn
 from headcache.devices import to_device
 from headcache.pooling import TokenBatch, check_pool_name, head_inputs, is_learnable
 from headcache.store import CacheReader
+from headcache.stream import MIN_BLOCK_BYTES, STREAM_FOOTPRINT, STREAM_SHARE, EpochSampler, TokenStream, gather_tokens
 
 EVAL_ROWS = 256  # items per evaluation chunk of pooled features
 TOKEN_EVAL_ROWS = 64  # of token features: (64, T, D) float32 chunks stay a few MB, not tens
 MEMORY_SHARE = 0.5  # default budget: this share of the free RAM (or free device memory)
 FALLBACK_RAM = 4 << 30  # assumed available RAM where the system does not say
-PREFETCH_BLOCKS = 2  # blocks read ahead of the step that needs them
-STREAM_FOOTPRINT = 2 + PREFETCH_BLOCKS + 1  # blocks a stream holds: a step's 2, the queue, one being read
-STREAM_SHARE = 3  # a stream's footprint is 1 / STREAM_SHARE of the budget left when it opens
-MIN_BLOCK_BYTES = 1 << 20  # below this, HDF5 reads get slow (chunks are about 1 MiB)
-
-
-def gather_tokens(tokens: Tensor, offsets: Tensor, rows: Tensor) -> TokenBatch:
-    """Pad the sequences ``rows`` of a flat token matrix into a batch, with one gather.
-
-    tokens (sum T_i, D), offsets (N + 1,), rows (...) -> hidden (..., T_max, D) float32,
-    zero at padded positions; T_max is the longest of ``rows`` (0 when all are empty).
-    """
-    starts, stops = offsets[rows], offsets[rows + 1]
-    lengths = stops - starts
-    longest = int(lengths.max()) if lengths.numel() else 0  # the one host sync: the batch's shape
-    steps = torch.arange(longest, device=tokens.device)
-    mask = steps < lengths.unsqueeze(-1)
-    positions = torch.where(mask, starts.unsqueeze(-1) + steps, 0)
-    # index_select on the flat positions: one contiguous gather, faster than advanced indexing on CPU
-    hidden = tokens.index_select(0, positions.flatten()).view(*positions.shape, tokens.shape[-1])
-    return TokenBatch(hidden.float().masked_fill_(~mask.unsqueeze(-1), 0.0), mask)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -112,19 +72,6 @@ def _available_ram() -> int:
     return FALLBACK_RAM
 
 
-def block_order(block_bounds: Tensor, rows: Tensor, generator: torch.Generator) -> Tensor:
-    """``rows`` in a random order that keeps each block's rows together (NOTE [ Streaming tokens ]).
-
-    block_bounds (n_blocks + 1,): block j holds rows [block_bounds[j], block_bounds[j+1]).
-    The blocks come in random order, rows in random order within each block.
-    """
-    block = torch.bucketize(rows, block_bounds[1:], right=True)
-    block_rank = torch.randperm(len(block_bounds) - 1, generator=generator)
-    within = torch.randperm(len(rows), generator=generator)
-    key = block_rank[block] * len(rows) + within  # sort by (block's rank, random tie-break)
-    return rows[torch.argsort(key)]
-
-
 class CachedFeatures:
     """Features read from a headcache cache, held on ``device`` (or streamed, for tokens).
 
@@ -140,8 +87,8 @@ class CachedFeatures:
         Refuse a cache written by another backbone.
     memory_budget : int, optional
         Bytes the token matrices may take on ``device``; a split that does not
-        fit what is left is streamed from the file (NOTE [ Streaming tokens ]).
-        Default: `default_memory_budget`.
+        fit what is left is streamed from the file (NOTE [ Streaming tokens ] in
+        stream.py). Default: `default_memory_budget`.
     block_bytes : int, optional
         Size of a streamed block (default: from the budget left, see the NOTE).
     """
@@ -204,12 +151,12 @@ class CachedFeatures:
     def ids(self, split: str) -> list[str]:
         return self._split(split)["ids"]
 
-    def epoch_order(self, split: str, rows: Tensor, generator: torch.Generator) -> Tensor:
-        """The order of one epoch over ``rows``: a plain shuffle, or blocks for a streamed split."""
-        data = self._split(split)
-        if "stream" in data:
-            return data["stream"].order(rows, generator)
-        return rows[torch.randperm(len(rows), generator=generator)]
+    def sampler(self, split: str, rows: Sequence[Tensor], generators: Sequence[torch.Generator], *,
+                batch_size: int) -> EpochSampler:
+        """The epoch sampler of ``rows`` (one per head) of ``split``; a streamed split's keeps its blocks
+        together and plans its stream's reads (NOTE [ Streaming tokens ] in stream.py)."""
+        return EpochSampler(rows, generators, batch_size=batch_size, split=split,
+                            stream=self._split(split).get("stream"))
 
     def batch(self, split: str, rows: Tensor) -> Tensor | TokenBatch:
         """Features of ``rows`` (B,) or (K, B): pooled (..., D) or a TokenBatch."""
@@ -226,228 +173,6 @@ class CachedFeatures:
             return gather_tokens(data["tokens"], data["offsets"], rows)
         # index_select: one contiguous gather of whole rows, faster than advanced indexing on CPU
         return data["pooled"].index_select(0, rows.flatten()).view(*rows.shape, self.hidden_dim)
-
-
-class TokenStream:
-    """The token rows of one (possibly concatenated) split, read from the file block by block.
-
-    See NOTE [ Streaming tokens ]. Blocks never cross a part of a concatenated
-    split. At most 2K + PREFETCH_BLOCKS + 1 blocks are held at once (K: orders
-    per step, 1 unless the heads of a bank train in different orders).
-
-    Parameters
-    ----------
-    path : Path
-        The cache file.
-    parts : list of (split name, sequences)
-        The parts of the split, in order.
-    offsets : Tensor (N + 1,) int64
-        Token offsets over all parts (part p starts at the row after p - 1's last).
-    hidden_dim : int
-    dtype : str
-        The cache dtype (blocks stay in it; batches are float32).
-    block_tokens : int
-        Tokens per block (a longer sequence gets a block of its own).
-    device : torch.device
-    """
-
-    def __init__(self, path: Path, parts: list[tuple[str, int]], offsets: Tensor, hidden_dim: int, dtype: str,
-                 block_tokens: int, device: torch.device):
-        self.path, self.offsets, self.hidden_dim, self.device = path, offsets, hidden_dim, device
-        ends = offsets.numpy()
-        bounds, self.blocks, first = [0], [], 0
-        for name, n in parts:
-            start = first
-            while start < first + n:  # greedy: as many whole sequences as fit block_tokens, at least one
-                stop = int(np.searchsorted(ends, ends[start] + block_tokens, side="right")) - 1
-                stop = min(max(stop, start + 1), first + n)
-                # (part, its token rows, first row of the block, first token of the block)
-                self.blocks.append((name, int(ends[start] - ends[first]), int(ends[stop] - ends[first]), start,
-                                    int(ends[start])))
-                bounds.append(stop)
-                start = stop
-            first += n
-        self.bounds = torch.tensor(bounds)
-        widest = max((stop - start for _, start, stop, _, _ in self.blocks), default=0)
-        self.buffers = _Buffers(widest, hidden_dim, getattr(torch, dtype), pinned=device.type == "cuda")
-        self._orders: list[Tensor] = []
-        self._resident: dict[int, tuple[Tensor, Tensor | None]] = {}  # block -> (its rows, its host buffer)
-        self._reader: _BlockReader | None = None
-
-    def order(self, rows: Tensor, generator: torch.Generator) -> Tensor:
-        """A block-aware order of ``rows``; remembered to plan the reads of the epoch."""
-        order = block_order(self.bounds, rows, generator)
-        self._orders.append(order)
-        return order
-
-    def batch(self, rows: Tensor) -> TokenBatch:
-        """rows (B,) or (K, B) on the CPU -> a TokenBatch on the device, equal to the in-memory gather."""
-        if self._orders:  # the first batch of an epoch: plan its reads from the proposed orders
-            self._start(self._plan(rows))
-        block = torch.bucketize(rows, self.bounds[1:], right=True)
-        needed = list(dict.fromkeys(block.flatten().tolist()))  # in order of first use, as planned
-        self._keep(needed)
-        for b in needed:
-            if b not in self._resident:
-                self._resident[b] = self._take(b)
-        if len(needed) == 1:  # the common case: the whole batch lies in one block
-            return self._gather(needed[0], rows)
-        lengths = self.offsets[rows + 1] - self.offsets[rows]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        hidden = torch.zeros(*rows.shape, longest, self.hidden_dim, device=self.device)
-        mask = torch.zeros(*rows.shape, longest, dtype=torch.bool, device=self.device)
-        for b in needed:
-            where = block == b
-            part = self._gather(b, rows[where])
-            where = where.to(self.device)
-            hidden[where, :part.hidden.shape[-2]] = part.hidden
-            mask[where, :part.mask.shape[-1]] = part.mask
-        return TokenBatch(hidden, mask)
-
-    def release(self) -> None:
-        """Drop the blocks held and their buffers, and stop reading (the next request reads again)."""
-        self._start([])
-        self._keep([])
-        self.buffers.free.clear()
-
-    def _keep(self, blocks: list[int]) -> None:
-        """Hold only ``blocks``; the buffers of the others go back to be read into again."""
-        for b in [b for b in self._resident if b not in blocks]:
-            _, buffer = self._resident.pop(b)
-            if buffer is not None:
-                self.buffers.release(buffer)
-
-    def _gather(self, b: int, rows: Tensor) -> TokenBatch:
-        first_row, first_token = self.blocks[b][3:]
-        local = self.offsets[first_row:int(self.bounds[b + 1]) + 1] - first_token
-        return gather_tokens(self._resident[b][0], local.to(self.device), (rows - first_row).to(self.device))
-
-    def _plan(self, rows: Tensor) -> list[int]:
-        """The blocks the epoch's steps will load, in order: each step keeps only the blocks it uses."""
-        orders, self._orders = self._orders, []
-        if rows.dim() == 1:  # heads sharing one order: the loop hands out windows of the first
-            orders = orders[:1]
-        if len(orders) != (1 if rows.dim() == 1 else rows.shape[0]):
-            return []  # not the loop's pattern: read on demand
-        size = rows.shape[-1]
-        blocks = [torch.bucketize(o, self.bounds[1:], right=True).tolist() for o in orders]
-        plan: list[int] = []
-        held: set[int] = set()
-        for start in range(0, min(len(b) for b in blocks) // size * size, size):
-            needed = list(dict.fromkeys(x for b in blocks for x in b[start:start + size]))
-            plan += [x for x in needed if x not in held]
-            held = set(needed)
-        return plan
-
-    def _start(self, plan: list[int]) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        self._reader = _BlockReader(self.path, self.blocks, plan, self.buffers, self.device) if plan else None
-
-    def _take(self, b: int) -> tuple[Tensor, Tensor | None]:
-        """Block b from the reader; a request outside its plan restarts it there, reading ahead in order."""
-        if self._reader is None or not self._reader.next_is(b):
-            self._start(list(range(b, len(self.blocks))))
-        return self._reader.take()
-
-
-class _Buffers:
-    """Host buffers a stream reads its blocks into, reused all along.
-
-    A fresh array per block made the allocator's heap creep (measured: +60 MB
-    beyond the blocks over one epoch); the same few buffers keep memory flat.
-    On CUDA they are pinned (so copies to the GPU run asynchronously), and a
-    buffer is read into again only once its copy has finished.
-    """
-
-    def __init__(self, rows: int, dim: int, dtype: torch.dtype, pinned: bool):
-        self.shape, self.dtype, self.pinned = (rows, dim), dtype, pinned
-        self.free: collections.deque = collections.deque()  # (buffer, copy-done event); deque: thread-safe
-
-    def acquire(self) -> Tensor:
-        try:
-            buffer, copied = self.free.popleft()
-        except IndexError:
-            return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pinned)
-        if copied is not None:
-            copied.synchronize()  # the asynchronous copy out of this buffer has finished
-        return buffer
-
-    def release(self, buffer: Tensor, copied: Any = None) -> None:
-        if len(self.free) < STREAM_FOOTPRINT:
-            self.free.append((buffer, copied))
-
-
-class _BlockReader:
-    """Reads the blocks of a plan in a background thread, at most PREFETCH_BLOCKS ahead.
-
-    Only this thread touches the file while it runs (h5py serialises HDF5 calls under one lock).
-    A reader still running when Python exits is stopped first (`_stop_readers`): a daemon thread
-    frozen inside an HDF5 call would keep h5py's lock, and the exit would wait for it forever.
-    """
-
-    def __init__(self, path: Path, blocks: list[tuple], plan: list[int], buffers: _Buffers, device: torch.device):
-        self.plan, self.position, self.buffers, self.device = plan, 0, buffers, device
-        self.ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(path, blocks), daemon=True)
-        _LIVE_READERS.add(self)
-        self.thread.start()
-
-    def _run(self, path: Path, blocks: list[tuple]) -> None:
-        try:
-            with CacheReader(path) as reader:
-                splits: dict[str, Any] = {}
-                for b in self.plan:
-                    if self.stop.is_set():
-                        return
-                    name, start, stop = blocks[b][:3]
-                    split = splits.setdefault(name, reader.split(name))
-                    buffer = self.buffers.acquire()
-                    split.tokens(start, stop, out=buffer.numpy())
-                    self.ready.put((buffer, stop - start))
-        except BaseException as exc:  # handed to the training thread by take()
-            self.ready.put(exc)
-
-    def next_is(self, b: int) -> bool:
-        return self.position < len(self.plan) and self.plan[self.position] == b
-
-    def take(self) -> tuple[Tensor, Tensor | None]:
-        """The next block: (its rows on the device, the host buffer to release when done with them)."""
-        item = self.ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        self.position += 1
-        buffer, rows = item
-        if self.device.type != "cuda":
-            return buffer[:rows], buffer
-        block = buffer[:rows].to(self.device, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        self.buffers.release(buffer, copied)
-        return block, None
-
-    def close(self) -> None:
-        """Stop reading; a put blocked on the full queue is released by draining it."""
-        self.stop.set()
-        while self.thread.is_alive():
-            try:
-                item = self.ready.get(timeout=0.01)
-            except queue.Empty:
-                continue
-            if isinstance(item, tuple):
-                self.buffers.release(item[0])
-        self.thread.join()
-        _LIVE_READERS.discard(self)
-
-
-_LIVE_READERS: weakref.WeakSet = weakref.WeakSet()  # readers whose thread may still run
-
-
-@atexit.register
-def _stop_readers() -> None:
-    for reader in list(_LIVE_READERS):
-        reader.close()
 
 
 class LiveFeatures:
@@ -478,6 +203,11 @@ class LiveFeatures:
         if split not in self._datasets:
             self._datasets[split] = self.spec.dataset(split)
         return self._datasets[split]
+
+    def sampler(self, split: str, rows: Sequence[Tensor], generators: Sequence[torch.Generator], *,
+                batch_size: int) -> EpochSampler:
+        """The epoch sampler of ``rows`` (one per head) of ``split``: a plain shuffle per head."""
+        return EpochSampler(rows, generators, batch_size=batch_size, split=split)
 
     def labels(self, split: str) -> Tensor:
         if split not in self._labels:

@@ -1,4 +1,4 @@
-"""Classification metrics via scikit-learn, with the edge cases handled here.
+"""Classification metrics equal to scikit-learn's, with the edge cases handled here.
 
 Binary: AUROC and AUPRC on p[:, 1]. Multi-class: macro one-vs-rest AUROC and
 AUPRC. Both: accuracy, F1 (binary: the positive class; multi-class: macro)
@@ -7,7 +7,17 @@ AUROC or AUPRC: they are reported as None (null in JSON) with a warning, never
 as a made-up 0.5.
 
 The row-wise versions (`rows_auroc`, `rows_auprc`) score many heads, or many
-bootstrap resamples, at once; they equal scikit-learn's values exactly.
+bootstrap resamples, at once; they equal scikit-learn's values exactly
+(tests/test_metrics.py checks every metric here against scikit-learn).
+
+NOTE [ Final-evaluation memory ]
+A training process computes these once, at its end, while it still holds its
+validation split. Importing scikit-learn (and scipy with it) there added 50 to
+75 MB of resident memory, and scoring 100 bootstrap resamples of 5,000 items
+at once held about ten 4 MB float64 temporaries: together they took a streamed
+run 52 MB over its RSS target (benchmarks/README.md). So the metrics are numpy
+only, and a chunk of resamples is scored SCORE_CELLS cells at a time; the
+draws, and so the intervals, are the same as scoring the chunk at once.
 """
 from __future__ import annotations
 
@@ -15,32 +25,14 @@ import warnings
 
 import numpy as np
 
-# scikit-learn is imported inside the functions that use it: it and scipy take
-# about 140 MB of memory, which a training process streaming its tokens under a
-# memory budget should not pay at import (they are needed once, at the end).
-
 BOOTSTRAP_RESAMPLES = 1000
-BOOTSTRAP_CHUNK = 100  # resamples scored at once: bounds memory at ~BOOTSTRAP_CHUNK x N per array
+BOOTSTRAP_CHUNK = 100  # resamples drawn at once (the draws depend on it: keep it fixed)
+SCORE_CELLS = 1 << 17  # resamples x items scored at once: 1 MB per float64 temporary
 CI_LEVEL = 0.95
 
 
 class SingleClassWarning(UserWarning):
     """AUROC/AUPRC are undefined because the labels hold one class."""
-
-
-def _ranking_metrics(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    from sklearn.metrics import average_precision_score, roc_auc_score
-    from sklearn.preprocessing import label_binarize
-
-    num_classes = probs.shape[1]
-    if num_classes == 2:
-        scores = probs[:, 1]
-        return float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
-    onehot = label_binarize(labels, classes=np.arange(num_classes))
-    present = onehot.any(0) & ~onehot.all(0)
-    auroc = roc_auc_score(onehot[:, present], probs[:, present], average="macro")
-    auprc = average_precision_score(onehot[:, present], probs[:, present], average="macro")
-    return float(auroc), float(auprc)
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, *, split: str = "") -> dict:
@@ -59,29 +51,28 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, *, split: str 
     -------
     dict with auroc, auprc (None for a single class), accuracy, f1, balanced_accuracy, n.
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
     labels = np.asarray(labels)
     preds = probs.argmax(1)
-    binary = probs.shape[1] == 2
     if len(np.unique(labels)) < 2:
         warnings.warn(f"split {split or '?'} holds only class {labels[0] if len(labels) else '-'}: "
                       "AUROC and AUPRC are undefined there and reported as null", SingleClassWarning,
                       stacklevel=2)
         auroc = auprc = None
     else:
-        auroc, auprc = _ranking_metrics(probs, labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns on a class never predicted; the 0 is correct
-        result = {
-            "auroc": auroc,
-            "auprc": auprc,
-            "accuracy": float(accuracy_score(labels, preds)),
-            "f1": float(f1_score(labels, preds, average="binary" if binary else "macro", zero_division=0)),
-            "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
-        }
-    result["n"] = int(len(labels))
-    return result
+        aurocs, auprcs = _macro_rows(probs[None], labels[None])
+        auroc, auprc = float(aurocs[0]), float(auprcs[0])
+    classes = np.union1d(labels, preds)  # scikit-learn's labels: those of the truth or the predictions
+    f1 = _f1(labels, preds, 1) if probs.shape[1] == 2 else float(np.mean([_f1(labels, preds, c) for c in classes]))
+    recalls = [float((preds[labels == c] == c).mean()) for c in np.unique(labels)]  # classes with true items
+    return {"auroc": auroc, "auprc": auprc, "accuracy": float((preds == labels).mean()), "f1": f1,
+            "balanced_accuracy": float(np.mean(recalls)), "n": int(len(labels))}
+
+
+def _f1(labels: np.ndarray, preds: np.ndarray, positive: int) -> float:
+    """F1 of class ``positive``; 0 where it is neither true nor predicted (scikit-learn's zero_division=0)."""
+    true_pos = int(((preds == positive) & (labels == positive)).sum())
+    either = int((preds == positive).sum() + (labels == positive).sum())
+    return 2 * true_pos / either if either else 0.0
 
 
 def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -111,9 +102,12 @@ def bootstrap_intervals(probs: np.ndarray, labels: np.ndarray, *, resamples: int
         chunk = min(BOOTSTRAP_CHUNK, resamples - start)
         idx = np.concatenate([rng.choice(g, size=(chunk, len(g))) for g in groups], axis=1)
         counts = np.bincount((idx + n * np.arange(chunk)[:, None]).ravel(), minlength=chunk * n).reshape(chunk, n)
-        scored = [counted_rows(probs[:, c], labels == c, counts) for c in ([1] if probs.shape[1] == 2 else classes)]
-        aurocs.append(np.mean([a for a, _ in scored], axis=0))
-        auprcs.append(np.mean([p for _, p in scored], axis=0))
+        rows = max(1, SCORE_CELLS // n)  # NOTE [ Final-evaluation memory ]
+        for first in range(0, chunk, rows):
+            scored = [counted_rows(probs[:, c], labels == c, counts[first:first + rows])
+                      for c in ([1] if probs.shape[1] == 2 else classes)]
+            aurocs.append(np.mean([a for a, _ in scored], axis=0))
+            auprcs.append(np.mean([p for _, p in scored], axis=0))
     aurocs, auprcs = np.concatenate(aurocs), np.concatenate(auprcs)
     tail = (1.0 - CI_LEVEL) / 2 * 100
     return {

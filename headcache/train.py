@@ -47,13 +47,6 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
-def epoch_order(source: Any, split: str, rows: Tensor, generator: torch.Generator) -> Tensor:
-    """One epoch's order of ``rows``: a shuffle, or the order the source proposes (a streamed token
-    split keeps blocks of the file together; NOTE [ Streaming tokens ] in features.py)."""
-    propose = getattr(source, "epoch_order", None)
-    return propose(split, rows, generator) if propose else rows[torch.randperm(len(rows), generator=generator)]
-
-
 def derived_seeds(seed: int) -> tuple[int, int, int]:
     """Independent seeds for (initialisation, dropout, batch order) from one --seed."""
     init, dropout, order = np.random.SeedSequence(seed).generate_state(3)
@@ -144,11 +137,10 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     constants = [loss_constants(c.loss or default_loss(num_classes), y, num_classes, c.focal_gamma)
                  for c, y in zip(configs, train_labels)]
     loss_args = stack_constants(constants, device)
-    steps = min(len(t.train[1]) for t in tasks) // first.batch_size
-    if steps == 0:
-        raise ConfigError(f"split {train_split!r} has {min(len(t.train[1]) for t in tasks)} items, fewer than "
-                          f"batch_size {first.batch_size}; lower --batch-size")
-    shared_order = len({(s[2], tuple(t.train[1].tolist())) for s, t in zip(seeds, tasks)}) == 1
+    # the one order of every epoch, checked against the batch size here; a streamed split's sampler
+    # keeps its blocks together and plans its reads (NOTE [ Streaming tokens ] in stream.py)
+    sampler = source.sampler(train_split, [t.train[1] for t in tasks], order_generators, batch_size=first.batch_size)
+    steps = len(sampler)
 
     # -- early stopping state, per head
     val_labels = [labels["val"][k][t.val[1].to(device)].cpu().numpy() for k, t in enumerate(tasks)]
@@ -163,11 +155,8 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
         started = time.perf_counter()
         lr = as_tensor([cosine_lr(c.lr, epoch, c.epochs) if active[k] else 0.0 for k, c in enumerate(configs)])
         model.train()
-        permutations = [epoch_order(source, train_split, t.train[1], g) for t, g in zip(tasks, order_generators)]
         total = torch.zeros(k_heads, device=device)
-        for step in range(steps):
-            window = slice(step * first.batch_size, (step + 1) * first.batch_size)
-            rows = permutations[0][window] if shared_order else torch.stack([p[window] for p in permutations])
+        for step, rows in enumerate(sampler.epoch()):  # rows (B,) for heads sharing one order, else (K, B)
             batch_labels = labels["train"][0][rows.to(device)]
             logits = model(source.batch(train_split, rows), dropout_generators)
             losses = stacked_loss(logits, batch_labels, *loss_args)

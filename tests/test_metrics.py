@@ -1,6 +1,10 @@
 """Metrics: equal to scikit-learn, undefined (not 0.5) for one class, CIs seeded and reproducible."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -95,3 +99,56 @@ def test_average_ranks_equal_scipys_rankdata(rows):
     values = np.array(rows)
     assert np.array_equal(average_ranks(values), rankdata(values, axis=1))
 
+
+
+@pytest.mark.parametrize("seed, classes", [(0, 2), (1, 2), (2, 3), (3, 4)])
+def test_every_metric_equals_sklearns_also_with_a_class_never_predicted(seed, classes):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, 80)
+    probs = rng.dirichlet(np.ones(classes), 80)
+    probs[:, 0] = 0  # class 0 is never the argmax
+    probs /= probs.sum(1, keepdims=True)
+    m = classification_metrics(probs, labels)
+    preds = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(labels, preds, average="binary" if classes == 2 else "macro",
+                                             zero_division=0), abs=1e-12)
+    truth_lacks_1 = labels != 1  # a class predicted that the truth lacks: scikit-learn leaves it out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = balanced_accuracy_score(labels[truth_lacks_1], preds[truth_lacks_1])
+        part = classification_metrics(probs[truth_lacks_1], labels[truth_lacks_1])
+    assert part["balanced_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, preds), abs=1e-12)
+    if classes == 2:
+        assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]), abs=1e-12)
+        assert m["auprc"] == pytest.approx(average_precision_score(labels, probs[:, 1]), abs=1e-12)
+    else:
+        assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-12)
+
+
+def test_bootstrap_scored_in_slices_gives_the_intervals_of_the_whole_chunk(monkeypatch):
+    """NOTE [ Final-evaluation memory ]: slicing the scoring bounds memory and changes no number."""
+    import headcache.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    labels = (rng.random(3000) < 0.3).astype(int)
+    probs = np.clip(_probs(rng, 3000) + 0.2 * labels[:, None] * np.array([-1, 1]), 0, 1)
+    assert metrics.SCORE_CELLS // len(labels) < metrics.BOOTSTRAP_CHUNK  # several slices per chunk
+    sliced = bootstrap_intervals(probs, labels, resamples=200, seed=1)
+    monkeypatch.setattr(metrics, "SCORE_CELLS", 1 << 40)
+    assert bootstrap_intervals(probs, labels, resamples=200, seed=1) == sliced
+
+
+def test_scoring_a_split_imports_neither_sklearn_nor_scipy():
+    """They took 50 to 75 MB of a training process's memory at its final evaluation."""
+    script = ("import sys, numpy as np\n"
+              "import headcache.train\n"
+              "from headcache.metrics import bootstrap_intervals, classification_metrics\n"
+              "probs, labels = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]), np.array([0, 1, 0])\n"
+              "print(classification_metrics(probs, labels)['auroc'], bootstrap_intervals(probs, labels) is not None,\n"
+              "      sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1.0", "True", "[]"]
