@@ -29,8 +29,19 @@ from headcache.errors import ConfigError, HeadcacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a frozen backbone once, cache its hidden states, train heads from the cache.")
-console = Console()
-errors = Console(stderr=True)
+# soft_wrap: rich never breaks a printed line itself, so a path in a message stays whole on one line when the
+# output is a file or a pipe (rich assumes 80 columns there); a terminal still wraps long lines visually.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+# What an interrupted command kept and how to go on, by command (the one line Ctrl-C prints).
+_INTERRUPTED = {
+    "extract": "the rows written so far are kept in the cache; run the same command again to resume after them",
+    "train": "the run directory has no metrics.json, so it is unfinished; run the same command again to start "
+             "it over",
+    "sweep": "runs without metrics.json are unfinished; run the same command again to train them",
+    "cv": "folds without metrics.json are unfinished; run the same command again to train them",
+}
 
 
 @app.callback()
@@ -41,7 +52,8 @@ def _root(ctx: typer.Context,
 
 @contextlib.contextmanager
 def _user_errors(ctx: typer.Context) -> Iterator[None]:
-    """Print a HeadcacheError's message and exit 1; print warnings as one line each."""
+    """Print a HeadcacheError's message and exit 1; on Ctrl-C say what was kept and exit 130 (128 + SIGINT, the
+    shell's convention); print warnings as one line each."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -51,6 +63,12 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
                 raise
             errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            kept = _INTERRUPTED.get(ctx.info_name, "run the same command again to start over")
+            errors.print(f"[bold yellow]interrupted:[/bold yellow] {kept}", highlight=False)
+            raise typer.Exit(130) from None
         finally:
             for warning in caught:
                 errors.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False)

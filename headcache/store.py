@@ -668,7 +668,10 @@ def _open(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode, track_order=True) if mode == "w" else h5py.File(path, mode)
     except OSError as exc:
-        raise CacheError(f"cannot open {path} (mode {mode!r}): {exc}") from exc
+        # HDF5 reports a file shorter than its own recorded end only in its message text.
+        fix = "; the file is cut short (a copy or a disk that stopped part-way): re-extract it with headcache " \
+              "extract ... --overwrite" if "truncated file" in str(exc) else ""
+        raise CacheError(f"cannot open {path} (mode {mode!r}): {exc}{fix}") from exc
 
 
 def _early_allocation() -> h5py.h5p.PropDCID:
