@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
 from headcache.devices import resolve_device, to_device
-from headcache.errors import ConfigError, DataError, NonFiniteError, SpecError
+from headcache.errors import ConfigError, DataError, DiskFullError, NonFiniteError, SpecError
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
@@ -239,7 +239,12 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
         for split, split_writer in split_writers.items():
             sizes[split] = len(datasets[split])
             if not split_writer.complete:
-                written += runner.run_split(datasets[split], split, split_writer, on_progress)
+                try:
+                    written += runner.run_split(datasets[split], split, split_writer, on_progress)
+                except DiskFullError as exc:
+                    whole = runner.cache_bytes({s: len(d) for s, d in datasets.items()}, hidden_dim)
+                    raise DiskFullError(f"{exc} (the whole cache needs about {_size(whole)}, as extract --plan "
+                                        "estimates it)") from exc
                 split_writer.finish()
     return ExtractResult(Path(out), sizes, written, resumed, report, time.perf_counter() - started)
 
@@ -267,6 +272,12 @@ class _Runner:
     def __init__(self, spec: Any, backbone: torch.nn.Module, device: torch.device, config: ExtractConfig):
         self.spec, self.backbone, self.device, self.config = spec, backbone, device, config
         self.num_classes = getattr(spec, "num_classes", None)
+        self.items_seen = self.tokens_seen = 0  # for the size estimate of a disk-full message
+
+    def cache_bytes(self, split_sizes: dict[str, int], hidden_dim: int) -> int:
+        """The whole cache's size on disk, estimated from the items encoded so far (as extract --plan does)."""
+        per_item = self.tokens_seen / max(1, self.items_seen)
+        return sum(_split_bytes(n, per_item, hidden_dim, self.config.dtype) for n in split_sizes.values())
 
     def encode(self, batch: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = to_device(batch, self.device, non_blocking=True)
@@ -338,6 +349,7 @@ class _Runner:
         hidden, mask = self.encode(batch, len(ids))
         rounded = round_through(hidden, self.config.dtype)
         lengths = mask.sum(1)
+        self.items_seen, self.tokens_seen = self.items_seen + len(ids), self.tokens_seen + int(lengths.sum())
         empty = (lengths == 0).nonzero().flatten()
         if len(empty):
             raise DataError(f"sequence {ids[int(empty[0])]!r} of split {split!r} has no positions (its mask is all "
