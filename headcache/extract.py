@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
 from headcache.devices import resolve_device, to_device
-from headcache.errors import ConfigError, DataError, DiskFullError, NonFiniteError, SpecError
+from headcache.errors import ConfigError, DataError, DiskFullError, HeadcacheError, NonFiniteError, SpecError
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
@@ -128,6 +128,17 @@ def _collate(spec: Any, inputs: list, split: str) -> Any:
         return spec.collate(inputs)
 
 
+class _Failure:
+    """A HeadcacheError raised while loading a batch, carried to the main process as data.
+
+    A DataLoader worker's exception is re-raised with the worker's traceback
+    pasted into its message, so the one-line error would carry a traceback.
+    """
+
+    def __init__(self, error: HeadcacheError):
+        self.error = error
+
+
 class _Indexed(Dataset):
     """Items as (index, item), so batches remember where they go."""
 
@@ -138,7 +149,10 @@ class _Indexed(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return i, _item(self.dataset, i, self.split)
+        try:
+            return i, _item(self.dataset, i, self.split)
+        except HeadcacheError as exc:
+            return i, _Failure(exc)
 
 
 class _Collate:
@@ -146,10 +160,16 @@ class _Collate:
         self.spec, self.split = spec, split
 
     def __call__(self, items):
+        failed = [item for _, item in items if isinstance(item, _Failure)]
+        if failed:
+            return failed[0]
         indices = [i for i, _ in items]
         inputs = [item[0] for _, item in items]
-        return (indices, _collate(self.spec, inputs, self.split), [item[1] for _, item in items],
-                [str(item[2]) for _, item in items])
+        try:
+            batch = _collate(self.spec, inputs, self.split)
+        except HeadcacheError as exc:
+            return _Failure(exc)
+        return indices, batch, [item[1] for _, item in items], [str(item[2]) for _, item in items]
 
 
 class _WriterThread:
@@ -334,7 +354,10 @@ class _Runner:
         if on_progress is not None:
             on_progress(split, start, n)  # the split starts (or resumes) here
         try:
-            for indices, batch, labels, ids in loader:
+            for loaded in loader:
+                if isinstance(loaded, _Failure):
+                    raise loaded.error
+                indices, batch, labels, ids = loaded
                 for index, row in zip(indices, self._rows(batch, labels, ids, split)):
                     pending[index] = row
                 hand_over(everything_ready=False)

@@ -636,6 +636,15 @@ def test_09_a_member_that_raises_is_a_spec_error_naming_it(tmp_path, toy_checkpo
     assert isinstance(runner.invoke(app, ["--debug", *map(str, args)]).exception, SpecError)
 
 
+@pytest.mark.parametrize("options", [{"fail_at": "train:7"}, {"mode": "label_str"}], ids=["item_raises", "bad_label"])
+def test_09_an_error_in_a_dataloader_worker_is_one_clean_message(tmp_path, toy_checkpoint, options):
+    """With --num-workers, DataLoader re-raises a worker's exception with the worker's traceback pasted into its
+    message; the error must still be one line naming the item."""
+    args = extract_args(tmp_path / "cache.h5", toy_checkpoint, "--num-workers", "2", **options)
+    assert_clean_error(run(*args), "train")
+    assert "Original Traceback" not in run(*args).output
+
+
 def test_09_label_none_is_unlabelled_or_refused_cleanly(tmp_path, toy_checkpoint):
     """DESIGN: a label None is an unlabelled item (stored as -1); either that, or a clear refusal naming the item."""
     path = tmp_path / "cache.h5"
