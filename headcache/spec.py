@@ -15,6 +15,11 @@ A *spec* is any object with these members (duck-typed, like a Dataset):
     Batches the ``inputs`` of several items (headcache keeps labels and ids).
 ``encode(backbone, batch) -> (hidden [B, T, D], mask [B, T] bool)``
     Which tensor counts as "the hidden states"; mask is True on real positions.
+    ``[B, L, T, D]`` only for a spec that names its L layers in ``layers``.
+
+A member that breaks this contract gets a SpecError naming it: what encode
+returned is checked (`check_encode_output`), and an exception raised inside
+a member is named after it (`spec_member`), the original chained.
 
 Optional: ``splits`` (default ``("train", "val", "test")``), ``num_classes``,
 ``class_names``, ``name``.
@@ -23,7 +28,8 @@ NOTE [ Padding invariance ]
 ``encode`` must give each sequence the same hidden states whatever else is in
 its batch: the cache is written with one batch composition and the live
 source (and production) run with others. Extraction checks this on a sample
-and warns when it does not hold.
+and warns when it does not hold, within a tolerance relative to the states'
+magnitude (extract.PADDING_TOLERANCE).
 
 A spec is named on the command line by a built-in name (``demo``), a module
 path (``mypkg.heads:make_spec``) or a file path (``path/to/file.py:make_spec``);
