@@ -36,11 +36,11 @@ from conftest import REPO, TOY
 from typer.testing import CliRunner
 
 from headcache.cli import app
+from headcache.config import TrainConfig
 from headcache.errors import CacheError, SpecError
 from headcache.export import export
 from headcache.extract import ExtractConfig, extract
 from headcache.store import CacheReader
-from headcache.config import TrainConfig
 from headcache.train import train
 
 BAD = str(REPO / "tests" / "data" / "bad_specs.py") + ":make_spec"
