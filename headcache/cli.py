@@ -37,8 +37,19 @@ from headcache.errors import ConfigError, HeadcacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a frozen backbone once, cache its hidden states, train heads from the cache.")
-console = Console()
-errors = Console(stderr=True)
+# soft_wrap: rich never breaks a printed line itself, so a path in a message stays whole on one line when the
+# output is a file or a pipe (rich assumes 80 columns there); a terminal still wraps long lines visually.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+# What an interrupted command kept and how to go on, by command (the one line Ctrl-C prints).
+_INTERRUPTED = {
+    "extract": "the rows written so far are kept in the cache; run the same command again to resume after them",
+    "train": "the run directory has no metrics.json, so it is unfinished; run the same command again to start "
+             "it over",
+    "sweep": "runs without metrics.json are unfinished; run the same command again to train them",
+    "cv": "folds without metrics.json are unfinished; run the same command again to train them",
+}
 
 
 @app.callback()
@@ -69,7 +80,10 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
             errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
-            errors.print(str(exc) or "interrupted", highlight=False)
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            kept = str(exc) or _INTERRUPTED.get(ctx.info_name, "run the same command again to start over")
+            errors.print(f"[bold yellow]interrupted:[/bold yellow] {kept}", highlight=False)
             raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
         finally:
             if in_main:

@@ -40,6 +40,10 @@ class CacheError(HeadcacheError):
     """The cache file cannot be used as asked."""
 
 
+class DiskFullError(CacheError):
+    """No room (disk space or the file size limit) for the next block; refused before HDF5 writes any of it."""
+
+
 class SchemaError(CacheError, ValueError):
     """The file is not a headcache cache of a schema this version reads."""
 

@@ -12,6 +12,7 @@ exported model reproduces the run's own predictions.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -117,7 +118,7 @@ def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--model {path} does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _load_file(path, "--model", "a model written by headcache export; export it again")
     if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is not a model written by headcache export")
     options = {**saved["spec_options"], **(spec_options or {})}
@@ -132,6 +133,21 @@ def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[
                                        "the file is damaged, export it again")
     model = DeployedModel(spec_object, backbone.eval(), saved["head"], saved["dtype"])
     return model.to(resolve_device(device)).eval()
+
+
+def _load_file(path: Path, flag: str, what: str) -> Any:
+    """torch.load (weights only) of a file headcache wrote, its failures as one CheckpointError naming it.
+
+    torch.load raises EOFError for an empty file, UnpicklingError for other
+    bytes (a CSV), RuntimeError for a cut-short archive; click would print
+    only "Aborted." for the EOFError.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "the file is empty"
+        raise CheckpointError(f"{flag} {path}: cannot be read ({type(exc).__name__}: {reason}); it must be "
+                              f"{what}") from exc
 
 
 def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | None = None,

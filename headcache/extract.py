@@ -44,13 +44,24 @@ from headcache.distributed import (
     spec_text,
     torchrun_world,
 )
-from headcache.errors import ConfigError, DataError, NonFiniteError, OutputExistsError
+from headcache.errors import (
+    ConfigError,
+    DataError,
+    DiskFullError,
+    HeadcacheError,
+    NonFiniteError,
+    OutputExistsError,
+    SpecError,
+)
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
-from headcache.spec import load_backbone, resolve_spec, spec_splits
+from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
+# Alone and batched states may differ by PADDING_TOLERANCE * max(1, largest |state| of the item): an absolute
+# 1e-4 for states of order one or less, relative above, since float rounding grows with the magnitude (a
+# batch-shape dependent kernel moves a state of 1e6 by whole ulps, about 0.1).
 PADDING_TOLERANCE = 1e-4
 
 
@@ -90,27 +101,64 @@ def bucketed_batches(indices: Sequence[int], lengths: Sequence[int] | None, batc
     return batches
 
 
+def _item(dataset: Any, i: int, split: str) -> tuple:
+    """Item i of a spec's dataset, checked to be ``(inputs, label, id)``."""
+    with spec_member("dataset", f"item {i} of split {split!r}"):
+        item = dataset[i]
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+        raise SpecError(f"spec.dataset({split!r})[{i}] returned {type(item).__name__}"
+                        f"{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}; expected a 3-tuple "
+                        "(inputs, label, id)")
+    return item
+
+
+def _collate(spec: Any, inputs: list, split: str) -> Any:
+    with spec_member("collate", f"{len(inputs)} item(s) of split {split!r}"):
+        return spec.collate(inputs)
+
+
+class _Failure:
+    """A HeadcacheError raised while loading a batch, carried to the main process as data.
+
+    A DataLoader worker's exception is re-raised with the worker's traceback
+    pasted into its message, so the one-line error would carry a traceback.
+    """
+
+    def __init__(self, error: HeadcacheError):
+        self.error = error
+
+
 class _Indexed(Dataset):
     """Items as (index, item), so batches remember where they go."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def __init__(self, dataset: Any, split: str):
+        self.dataset, self.split = dataset, split
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return i, self.dataset[i]
+        try:
+            return i, _item(self.dataset, i, self.split)
+        except HeadcacheError as exc:
+            return i, _Failure(exc)
 
 
 class _Collate:
-    def __init__(self, spec: Any):
-        self.spec = spec
+    def __init__(self, spec: Any, split: str):
+        self.spec, self.split = spec, split
 
     def __call__(self, items):
+        failed = [item for _, item in items if isinstance(item, _Failure)]
+        if failed:
+            return failed[0]
         indices = [i for i, _ in items]
         inputs = [item[0] for _, item in items]
-        return indices, self.spec.collate(inputs), [item[1] for _, item in items], [str(item[2]) for _, item in items]
+        try:
+            batch = _collate(self.spec, inputs, self.split)
+        except HeadcacheError as exc:
+            return _Failure(exc)
+        return indices, batch, [item[1] for _, item in items], [str(item[2]) for _, item in items]
 
 
 class _WriterThread:
@@ -180,7 +228,7 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     if on_load is not None:
         on_load(report)
     runner = _Runner(spec, backbone, device, config)
-    datasets = {split: spec.dataset(split) for split in splits}
+    datasets = _datasets(spec, splits)
     hidden_dim = runner.probe(datasets[splits[0]], splits[0])
     attrs = {
         "backbone_fingerprint": report.fingerprint,
@@ -200,9 +248,22 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
         for split, split_writer in split_writers.items():
             sizes[split] = len(datasets[split])
             if not split_writer.complete:
-                written += runner.run_split(datasets[split], split, split_writer, on_progress)
+                try:
+                    written += runner.run_split(datasets[split], split, split_writer, on_progress)
+                except DiskFullError as exc:
+                    whole = runner.cache_bytes({s: len(d) for s, d in datasets.items()}, hidden_dim)
+                    raise DiskFullError(f"{exc} (the whole cache needs about {_size(whole)}, as extract --plan "
+                                        "estimates it)") from exc
                 split_writer.finish()
     return ExtractResult(Path(out), sizes, written, resumed, report, time.perf_counter() - started)
+
+
+def _datasets(spec: Any, splits: Sequence[str]) -> dict[str, Any]:
+    datasets = {}
+    for split in splits:
+        with spec_member("dataset", f"split {split!r}"):
+            datasets[split] = spec.dataset(split)
+    return datasets
 
 
 def _splits_to_extract(spec: Any, wanted: Sequence[str] | None) -> list[str]:
@@ -220,12 +281,20 @@ class _Runner:
     def __init__(self, spec: Any, backbone: torch.nn.Module, device: torch.device, config: ExtractConfig):
         self.spec, self.backbone, self.device, self.config = spec, backbone, device, config
         self.num_classes = getattr(spec, "num_classes", None)
+        self.items_seen = self.tokens_seen = 0  # for the size estimate of a disk-full message
 
-    def encode(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache_bytes(self, split_sizes: dict[str, int], hidden_dim: int) -> int:
+        """The whole cache's size on disk, estimated from the items encoded so far (as extract --plan does)."""
+        per_item = self.tokens_seen / max(1, self.items_seen)
+        return sum(_split_bytes(n, per_item, hidden_dim, self.config.dtype) for n in split_sizes.values())
+
+    def encode(self, batch: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = to_device(batch, self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
                                                     enabled=self.config.amp is not None):
-            hidden, mask = self.spec.encode(self.backbone, batch)
+            with spec_member("encode", f"a batch of {batch_size}"):
+                output = self.spec.encode(self.backbone, batch)
+            hidden, mask = check_encode_output(output, batch_size=batch_size, layers=getattr(self.spec, "layers", None))
         return hidden.float(), mask.bool()
 
     def probe(self, dataset: Any, split: str) -> int:
@@ -233,21 +302,22 @@ class _Runner:
         n = min(PADDING_PROBE, len(dataset))
         if n == 0:
             raise DataError(f"split {split!r} of the spec is empty; nothing to extract")
-        items = [dataset[i] for i in range(n)]
-        together, mask = self.encode(self.spec.collate([item[0] for item in items]))
-        worst = 0.0
+        items = [_item(dataset, i, split) for i in range(n)]
+        together, mask = self.encode(_collate(self.spec, [item[0] for item in items], split), n)
+        worst = 0.0  # the largest difference, in units of the tolerance's scale (see PADDING_TOLERANCE)
         for b, item in enumerate(items[1:], start=1):  # item 0 alone is the same batch shape question
-            alone, alone_mask = self.encode(self.spec.collate([item[0]]))
-            real = alone[0][alone_mask[0]]
-            if real.shape == together[b][mask[b]].shape:
-                worst = max(worst, float((real - together[b][mask[b]]).abs().max()) if real.numel() else 0.0)
-            else:
+            alone, alone_mask = self.encode(_collate(self.spec, [item[0]], split), 1)
+            real, batched = alone[0][alone_mask[0]], together[b][mask[b]]
+            if real.shape != batched.shape:
                 worst = float("inf")
+            elif real.numel():
+                scale = max(1.0, float(batched.abs().max()))
+                worst = max(worst, float((real - batched).abs().max()) / scale)
         if worst > PADDING_TOLERANCE:
             warnings.warn(f"spec.encode is not padding-invariant: an item's hidden states change by {worst:.3g} "
-                          "when other items share its batch; cached and live features will differ "
-                          "(see NOTE [ Padding invariance ] in headcache/spec.py)", PaddingInvarianceWarning,
-                          stacklevel=3)
+                          "(relative to their magnitude, or absolute below 1) when other items share its batch; "
+                          "cached and live features will differ (see NOTE [ Padding invariance ] in "
+                          "headcache/spec.py)", PaddingInvarianceWarning, stacklevel=3)
         return int(together.shape[-1])
 
     def run_split(self, dataset: Any, split: str, split_writer: SplitWriter,
@@ -255,7 +325,7 @@ class _Runner:
         start, n = split_writer.rows_written, len(dataset)
         lengths = dataset.lengths() if callable(getattr(dataset, "lengths", None)) else None
         batches = bucketed_batches(range(start, n), lengths, self.config.batch_size)
-        loader = DataLoader(_Indexed(dataset), batch_sampler=batches, collate_fn=_Collate(self.spec),
+        loader = DataLoader(_Indexed(dataset, split), batch_sampler=batches, collate_fn=_Collate(self.spec, split),
                             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
         writer = _WriterThread(split_writer)
         pending: dict[int, tuple] = {}  # finished rows waiting for the rows before them
@@ -273,7 +343,10 @@ class _Runner:
         if on_progress is not None:
             on_progress(split, start, n)  # the split starts (or resumes) here
         try:
-            for indices, batch, labels, ids in loader:
+            for loaded in loader:
+                if isinstance(loaded, _Failure):
+                    raise loaded.error
+                indices, batch, labels, ids = loaded
                 for index, row in zip(indices, self._rows(batch, labels, ids, split)):
                     pending[index] = row
                 hand_over(everything_ready=False)
@@ -285,8 +358,9 @@ class _Runner:
         return n - start
 
     def _rows(self, batch: Any, labels: list, ids: list[str], split: str) -> Iterator[tuple]:
-        hidden, mask = self.encode(batch)
+        hidden, mask = self.encode(batch, len(ids))
         lengths = mask.sum(1)
+        self.items_seen, self.tokens_seen = self.items_seen + len(ids), self.tokens_seen + int(lengths.sum())
         empty = (lengths == 0).nonzero().flatten()
         if len(empty):
             raise DataError(f"sequence {ids[int(empty[0])]!r} of split {split!r} has no positions (its mask is all "
@@ -306,9 +380,19 @@ class _Runner:
             yield stored[b][mask_np[b]], label, item_id, {name: p[b] for name, p in pooled.items()}
 
     def _check_label(self, label: Any, item_id: str, split: str) -> int:
+        """The label as stored: an int, or -1 for None (an unlabelled item); anything not an integer is refused
+        (int() would truncate 1.5 to 1, and a string would fail far from the item)."""
         if label is None:
-            return -1  # an unlabelled item (the cache format's -1)
-        value = int(label) if not isinstance(label, torch.Tensor) else int(label.item())
+            return -1
+        if isinstance(label, torch.Tensor) and label.numel() == 1:
+            label = label.item()
+        elif isinstance(label, (np.ndarray, np.generic)) and label.size == 1:
+            label = label.item()
+        if not isinstance(label, int):
+            raise DataError(f"sequence {item_id!r} of split {split!r} has label {label!r} ({type(label).__name__}); "
+                            "a label must be an integer class index, or None for an unlabelled item: fix "
+                            "spec.dataset's labels")
+        value = int(label)
         if value < 0 or (self.num_classes is not None and value >= self.num_classes):
             raise DataError(f"sequence {item_id!r} of split {split!r} has label {value}; labels must be "
                             f"0..{(self.num_classes or 2) - 1}")
@@ -433,17 +517,19 @@ def plan_extraction(spec: str | Any, checkpoint: str | Path, config: ExtractConf
     splits = _splits_to_extract(spec, config.splits)
     backbone, _ = load_backbone(spec, checkpoint, key_map=config.key_map, trust=config.trust_checkpoint)
     runner = _Runner(spec, backbone.to(device), device, config)
-    datasets = {split: spec.dataset(split) for split in splits}
+    datasets = _datasets(spec, splits)
     first = datasets[splits[0]]
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(first), size=min(sample, len(first)), replace=False).tolist()
-    runner.encode(spec.collate([first[i][0] for i in chosen[:2]]))  # warm-up: first calls pay one-off setup
+    warm_up = chosen[:2]  # first calls pay one-off setup
+    runner.encode(_collate(spec, [_item(first, i, splits[0])[0] for i in warm_up], splits[0]), len(warm_up))
     lengths = first.lengths() if callable(getattr(first, "lengths", None)) else None
 
     def timed(batches: list[list[int]]) -> tuple[float, list[torch.Tensor], int]:
         started, tokens, width = time.perf_counter(), [], 0
         for batch in batches:
-            hidden, mask = runner.encode(spec.collate([first[i][0] for i in batch]))
+            hidden, mask = runner.encode(_collate(spec, [_item(first, i, splits[0])[0] for i in batch], splits[0]),
+                                         len(batch))
             tokens.append(mask.sum(1).cpu())
             width = int(hidden.shape[-1])
         return time.perf_counter() - started, tokens, width

@@ -19,6 +19,11 @@ A *spec* is any object with these members (duck-typed, like a Dataset):
     Batches the ``inputs`` of several items (headcache keeps labels and ids).
 ``encode(backbone, batch) -> (hidden [B, T, D], mask [B, T] bool)``
     Which tensor counts as "the hidden states"; mask is True on real positions.
+    ``[B, L, T, D]`` only for a spec that names its L layers in ``layers``.
+
+A member that breaks this contract gets a SpecError naming it: what encode
+returned is checked (`check_encode_output`), and an exception raised inside
+a member is named after it (`spec_member`), the original chained.
 
 Optional: ``splits`` (default ``("train", "val", "test")``), ``num_classes``,
 ``class_names``, ``name``.
@@ -27,7 +32,8 @@ NOTE [ Padding invariance ]
 ``encode`` must give each sequence the same hidden states whatever else is in
 its batch: the cache is written with one batch composition and the live
 source (and production) run with others. Extraction checks this on a sample
-and warns when it does not hold.
+and warns when it does not hold, within a tolerance relative to the states'
+magnitude (extract.PADDING_TOLERANCE).
 
 A spec is named on the command line by a built-in name (``demo``), a module
 path (``mypkg.heads:make_spec``) or a file path (``path/to/file.py:make_spec``);
@@ -35,6 +41,7 @@ path (``mypkg.heads:make_spec``) or a file path (``path/to/file.py:make_spec``);
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -42,13 +49,13 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
 
 from headcache.backbones import BUILTIN_SPECS
 from headcache.checkpoint import LoadReport, checkpoint_sha256, fingerprint, load_checkpoint
-from headcache.errors import SpecError
+from headcache.errors import CheckpointError, HeadcacheError, SpecError
 
 DEFAULT_SPLITS = ("train", "val", "test")
 REQUIRED_MEMBERS = ("dataset", "collate", "encode")
@@ -86,17 +93,93 @@ def resolve_spec(text: str, options: dict[str, str] | None = None) -> Any:
     """
     options = dict(options or {})
     factory = _import_factory(text)
+    _check_options(factory, options, text)
+    try:
+        spec = factory(**options)
+    except HeadcacheError:
+        raise  # the factory's own message already names the option and the fix
+    except Exception as exc:
+        given = " ".join(f"--spec-opt {key}={value}" for key, value in options.items()) or "no --spec-opt"
+        raise SpecError(
+            f"--spec {text}: the factory {factory.__name__} raised {type(exc).__name__}: {exc} (called with "
+            f"{given}); check those values, or fix the factory"
+        ) from exc
+    check_spec(spec, text)
+    return spec
+
+
+def _check_options(factory: Callable, options: dict[str, str], text: str) -> None:
+    """Refuse --spec-opt names the factory does not take, or a required one left out, before calling it."""
     try:
         inspect.signature(factory).bind(**options)
     except TypeError:
-        accepted = _accepted_options(factory)
+        params = inspect.signature(factory).parameters.values()
+        required = [p.name for p in params if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in options]
+        missing = f"; it needs {' '.join(f'--spec-opt {name}=VALUE' for name in required)}" if required else ""
         raise SpecError(
-            f"--spec {text}: options {sorted(options)} do not fit {factory.__name__}{accepted}; "
-            "pass them as --spec-opt key=value with those names"
+            f"--spec {text}: options {sorted(options)} do not fit {factory.__name__}{_accepted_options(factory)}"
+            f"{missing}; pass them as --spec-opt key=value with those names"
         ) from None
-    spec = factory(**options)
-    check_spec(spec, text)
-    return spec
+
+
+@contextlib.contextmanager
+def spec_member(member: str, where: str = "") -> Iterator[None]:
+    """Turn an exception raised inside a spec's ``member`` into a SpecError naming it.
+
+    A HeadcacheError raised by the member (a DataError naming a file, say) is
+    the spec's own message and passes through unchanged; anything else is a
+    bug or a broken input that the user must find in their own code, so the
+    message names the member, where it was called and the original exception,
+    which stays chained (``--debug`` shows its traceback).
+    """
+    try:
+        yield
+    except HeadcacheError:
+        raise
+    except Exception as exc:
+        at = f" ({where})" if where else ""
+        raise SpecError(f"spec.{member}{at} raised {type(exc).__name__}: {exc}; "
+                        f"fix the spec's {member} (--debug shows the traceback)") from exc
+
+
+def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Check what ``spec.encode`` returned against the contract; return ``(hidden, mask)``.
+
+    Parameters
+    ----------
+    output : object
+        What encode returned: must be a 2-tuple ``(hidden, mask)``.
+    batch_size : int
+        Items in the batch given to encode (B).
+    layers : sequence of int, optional
+        The spec's ``layers``; only then may hidden be 4-D ``[B, L, T, D]``
+        with ``L == len(layers)``.
+
+    Raises
+    ------
+    SpecError
+        Naming encode, what it returned and what was expected.
+    """
+    hidden_shape = "[B, T, D]" if not layers else f"[B, T, D] or [B, {len(layers)}, T, D] (one per spec.layers)"
+    expected = f"expected (hidden {hidden_shape} float tensor, mask [B, T] bool tensor) with B={batch_size}"
+
+    def refuse(got: str) -> SpecError:
+        return SpecError(f"spec.encode returned {got}; {expected}")
+
+    if not isinstance(output, (tuple, list)) or len(output) != 2:
+        size = f" of {len(output)}" if isinstance(output, (tuple, list)) else ""
+        raise refuse(f"{type(output).__name__}{size}")
+    hidden, mask = output
+    if not isinstance(hidden, Tensor) or not isinstance(mask, Tensor):
+        raise refuse(f"({type(hidden).__name__}, {type(mask).__name__})")
+    got = f"hidden {list(hidden.shape)} {str(hidden.dtype).removeprefix('torch.')} and mask {list(mask.shape)}"
+    ndim_ok = hidden.ndim == 3 or (hidden.ndim == 4 and bool(layers) and hidden.shape[1] == len(layers))
+    if not ndim_ok or not hidden.is_floating_point() or hidden.shape[0] != batch_size:
+        raise refuse(got)
+    if mask.shape != (hidden.shape[0], hidden.shape[-2]) or mask.is_complex():
+        raise refuse(got)
+    return hidden, mask
 
 
 def check_spec(spec: Any, text: str = "spec") -> None:
@@ -178,6 +261,7 @@ def load_backbone(spec: Any, checkpoint: str | Path | None, *, key_map: dict[str
         module = spec.backbone()
         report = load_checkpoint(module, checkpoint, key_map=key_map, trust=trust)
     module.eval().requires_grad_(False)
+    _check_finite(module, checkpoint)
     return module, report
 
 
@@ -228,3 +312,17 @@ def load_from_spec(spec: Any, checkpoint: str | Path | None, *, trust: bool = Fa
         spec_report=spec_report,
     )
     return module, report
+
+
+def _check_finite(module: nn.Module, checkpoint: str | Path | None) -> None:
+    """Refuse weights holding NaN or Inf when they are loaded.
+
+    Otherwise every sequence's states come out NaN and extraction blames the
+    first sequence's inputs, far from the cause.
+    """
+    broken = [name for name, tensor in module.state_dict().items()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise CheckpointError(f"checkpoint {checkpoint}: tensor(s) {shown} hold NaN or Inf values; the weights are "
+                              "damaged (or saved from a diverged run): use another checkpoint")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,11 +48,17 @@ import h5py
 import numpy as np
 import torch
 
+try:
+    import resource  # POSIX: the file size limit (ulimit -f) a write can hit before the disk is full
+except ImportError:
+    resource = None
+
 from headcache._version import __version__
 from headcache.errors import (
     CacheError,
     ConfigError,
     DataError,
+    DiskFullError,
     FingerprintMismatchError,
     OutputExistsError,
     SchemaError,
@@ -331,6 +338,7 @@ class SplitWriter:
         group = self._group
         start = int(group["offsets"][start_row])
         stop = start + int(lengths.sum())
+        _ensure_space(Path(group.file.filename), self._block_bytes(start, stop, ids), self.name, k, start_row)
         rows = slice(start_row, start_row + k)
         group["tokens"].resize(stop, axis=0)
         group["tokens"][start:stop] = block
@@ -344,6 +352,27 @@ class SplitWriter:
         # data, so the data must be in the file before rows_written changes.
         group.file.flush()
         self._commit(start_row + k)
+
+    def _block_bytes(self, start: int, stop: int, ids: Sequence[str]) -> int:
+        """An upper bound of the bytes the file grows by when token rows start:stop and ``ids`` are written.
+
+        Each token or id chunk touched is written whole at a new place (its
+        checksum changes); pooled, offsets and labels were allocated when the
+        split was created. The heap holds each id with a 16-byte header in
+        collections of at least 4 KiB. The chunk index and object headers grow
+        with the chunks: 5% and 64 KiB more cover them (measured: a block of 50
+        token chunks grows the file by 99.9% of the chunks' bytes alone).
+        """
+        tokens, id_set = self._group["tokens"], self._group["ids"]
+
+        def chunks(first: int, last: int, rows: int) -> int:
+            return (last - 1) // rows - first // rows + 1 if last > first else 0
+
+        token_bytes = chunks(start, stop, tokens.chunks[0]) * tokens.chunks[0] * tokens.dtype.itemsize * tokens.shape[1]
+        n = id_set.shape[0]
+        id_bytes = chunks(n, n + len(ids), ID_CHUNK) * ID_CHUNK * 16
+        heap = sum(len(i.encode("utf-8")) + 16 for i in ids) + 4096
+        return int((token_bytes + id_bytes + heap) * 1.05) + (64 << 10)
 
     def _commit(self, rows_written: int) -> None:
         """The commit point: only now do the new rows count (NOTE [ Crash-safe appends ])."""
@@ -668,7 +697,38 @@ def _open(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode, track_order=True) if mode == "w" else h5py.File(path, mode)
     except OSError as exc:
-        raise CacheError(f"cannot open {path} (mode {mode!r}): {exc}") from exc
+        # HDF5 reports a file shorter than its own recorded end only in its message text.
+        fix = "; the file is cut short (a copy or a disk that stopped part-way): re-extract it with headcache " \
+              "extract ... --overwrite" if "truncated file" in str(exc) else ""
+        raise CacheError(f"cannot open {path} (mode {mode!r}): {exc}{fix}") from exc
+
+
+def _ensure_space(path: Path, needed: int, split: str, k: int, committed: int) -> None:
+    """Refuse a block that may not fit on the disk or under the process's file size limit, before writing it.
+
+    HDF5 cannot recover from a failed write: the dataset handle's close
+    fails in h5py's dealloc ("Exception ignored ... Can't decrement id ref
+    count") and the next flush of the file crashes the process (SIGSEGV).
+    So no block is handed to HDF5 unless there is room for its upper bound.
+    The committed rows stay in the file, so the same command resumes after them.
+    """
+    size = path.stat().st_size
+    room = shutil.disk_usage(path.parent).free
+    where, fix = "free on the disk", "free space"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    if limit >= 0 and limit != getattr(resource, "RLIM_INFINITY", -1) and limit - size < room:
+        room, where = max(0, limit - size), "left under this process's file size limit"
+        fix = "raise the limit (ulimit -f)"
+    if needed > room:
+        raise DiskFullError(
+            f"{path}: not enough space for the next {k} sequences of split {split!r}: they need up to "
+            f"{_mib(needed)}, {_mib(room)} is {where}; the {committed} sequences written before are kept: {fix} "
+            "and run the same command again to resume"
+        )
+
+
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
 
 
 def _early_allocation() -> h5py.h5p.PropDCID:

@@ -6,8 +6,8 @@ import torch
 from conftest import REPO
 
 from headcache.devices import resolve_device, to_device
-from headcache.errors import ConfigError, SpecError
-from headcache.spec import resolve_spec
+from headcache.errors import CheckpointError, ConfigError, DataError, SpecError
+from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member
 
 
 def test_builtin_module_and_file_spellings(tiny_options):
@@ -117,3 +117,74 @@ def test_checkpoint_sha256_of_a_folder_follows_names_and_bytes(tmp_path):
     (b / "sub" / "w.bin").rename(b / "sub" / "v.bin")
     (b / "sub" / "v.bin").write_bytes(b"\x00\x01")
     assert checkpoint_sha256(a) != checkpoint_sha256(b)  # a renamed file does
+
+
+@pytest.mark.parametrize("text", ["meta", "mps" if not torch.backends.mps.is_available() else "meta", "cuda:x",
+                                  "cpu:0", "CUDA"])
+def test_devices_other_than_auto_cpu_cuda_are_refused_naming_the_flag(text):
+    """torch.device accepts meta (tensors without data) and mps anywhere; a run on them fails far from the flag."""
+    with pytest.raises(ConfigError, match=f"--device '?{text}'?"):
+        resolve_device(text)
+
+
+def test_a_factory_error_is_a_spec_error_naming_the_factory_and_the_options(tmp_path):
+    spec_file = tmp_path / "picky.py"
+    spec_file.write_text("def make_spec(n='1'):\n    return int(n)\n")
+    with pytest.raises(SpecError, match=r"factory make_spec raised ValueError: .*'x'.*--spec-opt n=x") as caught:
+        resolve_spec(f"{spec_file}:make_spec", {"n": "x"})
+    assert isinstance(caught.value.__cause__, ValueError)  # chained, so --debug shows where it failed
+
+
+def test_a_missing_required_option_is_named_as_a_flag(tmp_path):
+    spec_file = tmp_path / "needs.py"
+    spec_file.write_text("def make_spec(root, n='1'):\n    return None\n")
+    with pytest.raises(SpecError, match="needs --spec-opt root=VALUE"):
+        resolve_spec(f"{spec_file}:make_spec")
+
+
+def test_spec_member_names_the_member_and_keeps_headcache_errors():
+    with pytest.raises(SpecError, match=r"spec.collate \(2 items\) raised KeyError: 'x'"):
+        with spec_member("collate", "2 items"):
+            {}["x"]
+    with pytest.raises(DataError, match="^bad file$"):  # the spec's own message passes through
+        with spec_member("dataset"):
+            raise DataError("bad file")
+
+
+H, M = torch.zeros(2, 5, 3), torch.ones(2, 5, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("output,got", [
+    ((H[0], M), r"hidden \[5, 3\]"), ((H.unsqueeze(1), M), r"hidden \[2, 1, 5, 3\]"), ((H, M[:, :4]), r"mask \[2, 4\]"),
+    ((H[:1], M[:1]), r"hidden \[1, 5, 3\]"), ((H.long(), M), "int64"), ((H.numpy(), M), r"\(ndarray, Tensor\)"),
+    ((H, M, H), "tuple of 3"), (None, "NoneType"),
+])
+def test_check_encode_output_refuses_what_breaks_the_contract(output, got):
+    with pytest.raises(SpecError, match=f"spec.encode returned .*{got}.*; expected .*B=2"):
+        check_encode_output(output, batch_size=2)
+
+
+def test_check_encode_output_accepts_the_contract():
+    hidden, mask = check_encode_output([H, M.int()], batch_size=2)  # a list and an integer mask are fine
+    assert hidden is H and torch.equal(mask, M.int())
+    layered = H.unsqueeze(1).expand(-1, 3, -1, -1)
+    assert check_encode_output((layered, M), batch_size=2, layers=(0, 2, 4))[0] is layered  # 4-D with layers
+    with pytest.raises(SpecError, match=r"\[B, 3, T, D\]"):
+        check_encode_output((layered[:, :2], M), batch_size=2, layers=(0, 2, 4))
+
+
+def test_nan_weights_are_refused_when_the_backbone_is_loaded(tmp_path):
+    module = torch.nn.Linear(2, 2)
+    state = module.state_dict()
+    state["bias"] = torch.tensor([0.0, float("inf")])
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+
+    class Spec:
+        def backbone(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(CheckpointError, match=r"broken.pt: tensor\(s\) bias hold NaN or Inf"):
+        load_backbone(Spec(), path)
+    torch.save(module.state_dict(), path)
+    assert torch.equal(load_backbone(Spec(), path)[0].weight, module.weight)

@@ -391,9 +391,16 @@ def _read_stats(path: Path) -> dict[str, tuple[np.float32, np.float32]]:
         _require_columns(path, reader.fieldnames, ("variable", "mean", "std"))
         for line, record in enumerate(reader, start=2):
             try:
-                stats[record["variable"]] = (np.float32(float(record["mean"])), np.float32(float(record["std"])))
+                mean, std = np.float32(float(record["mean"])), np.float32(float(record["std"]))
             except (TypeError, ValueError):
                 raise DataError(f"{path}, line {line}: mean and std must be numbers") from None
+            # Refused rather than read as 1: a std of 0 (or NaN) means the stats were computed from one value
+            # or are broken, and guessing a scale would silently change what the backbone sees.
+            if not (np.isfinite(std) and std > 0) or not np.isfinite(mean):
+                raise DataError(f"{path}, line {line}: variable {record['variable']!r} has std {record['std']} "
+                                f"(mean {record['mean']}); std must be a positive number: fix that row, or drop "
+                                "it to use the variable's raw values")
+            stats[record["variable"]] = (mean, std)
     return stats
 
 
@@ -485,7 +492,7 @@ class PatientDataset(Dataset):
 
     def lengths(self) -> list[int]:
         """Events per patient from the parquet footers (no data read), for length bucketing."""
-        return [pq.read_metadata(path).num_rows for path in self.files]
+        return [_read_metadata(path).num_rows for path in self.files]
 
     def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int, str]:
         return load_patient(self.files[i], self.variables), self.labels[i], self.ids[i]
@@ -503,7 +510,7 @@ def load_patient(path: Path, variables: VariableTable) -> dict[str, Tensor]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot be read as parquet ({exc}); replace or remove the file") from None
+        raise _unreadable(path, exc) from None
     _require_columns(path, table.column_names, PATIENT_COLUMNS)
     if table.num_rows == 0:
         raise DataError(f"{path}: the patient file has no rows; every patient needs at least one event")
@@ -529,10 +536,37 @@ def load_patient(path: Path, variables: VariableTable) -> dict[str, Tensor]:
         )
     return {
         "embeddings": torch.from_numpy(variables.vectors[rows]),
-        "values": torch.from_numpy(variables.scale(rows, table.column("value").to_numpy())),
+        "values": torch.from_numpy(variables.scale(rows, _values(table, path))),
         "set_sizes": torch.from_numpy(np.diff(np.append(starts, len(minute)))),
         "set_minutes": torch.from_numpy(minute[starts].astype(np.float32)),
     }
+
+
+def _read_metadata(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: cannot be read as parquet ({exc}); replace or remove the file")
+
+
+def _values(table: pa.Table, path: Path) -> np.ndarray:
+    """The value column as float64; refuse text, naming the first row that is not a number."""
+    column = table.column("value")
+    try:
+        return column.cast(pa.float64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = column.to_pylist()
+    for row, value in enumerate(values):
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, row {row}: the value column holds {value!r}, not a number; every value "
+                            "must be numeric (drop or fix that row)") from None
+    return np.array(values, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- spec
@@ -576,7 +610,7 @@ class SeqSetVAESpec:
 
 
 def make_spec(
-    data: str,
+    data: str | None = None,
     cached: str | None = None,
     stats: str | None = None,
     oc: str | None = None,
@@ -588,7 +622,7 @@ def make_spec(
     Parameters
     ----------
     data : str
-        Folder holding ``patient_ehr/{train,valid,test}/``; ``cached.csv``,
+        (Required.) Folder holding ``patient_ehr/{train,valid,test}/``; ``cached.csv``,
         ``stats.csv`` and ``oc.csv`` default to its files of those names.
     cached, stats, oc : str, optional
         Other paths for those tables.
@@ -606,6 +640,9 @@ def make_spec(
     SpecError
         An unknown size or dimension, or a value that is not a positive integer.
     """
+    if not data:  # a default of None, so the message can name the flag rather than Python's missing argument
+        raise SpecError("--spec seqsetvae needs its data: pass --spec-opt data=DIR, DIR holding "
+                        "patient_ehr/{train,valid,test}/<ts_id>.parquet, cached.csv, stats.csv and oc.csv")
     root = Path(data)
     if not (root / "patient_ehr").is_dir():
         raise DataError(
