@@ -29,19 +29,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from headcache._version import __version__
 from headcache.checkpoint import LoadReport, file_sha256
 from headcache.devices import resolve_device, to_device
-from headcache.errors import ConfigError, DataError, NonFiniteError
+from headcache.errors import ConfigError, DataError, NonFiniteError, OutputExistsError
 from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
 from headcache.spec import load_backbone, resolve_spec, spec_splits
-from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, round_through
+from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range, round_through
 
 DTYPES = ("float16", "float32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
 PADDING_TOLERANCE = 1e-4
+RESUME_SAMPLE = 256  # committed rows compared with the data before a resume (`_check_same_data`)
 
 
 class PaddingInvarianceWarning(UserWarning):
@@ -203,25 +203,55 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     hidden_dim = runner.probe(datasets[splits[0]], splits[0])
     attrs = {
         "backbone_fingerprint": report.fingerprint,
+        # Provenance only: a resume compares the data itself (`_check_same_data`), not this text.
         "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),
         "checkpoint_sha256": report.checkpoint_sha256 or file_sha256(checkpoint),
         "hidden_dim": hidden_dim,
         "dtype": config.dtype,
-        "created_by": f"headcache {__version__}",
+        "amp": config.amp,
+        "num_classes": runner.num_classes,
+        "class_names": getattr(spec, "class_names", None),
         "load_report": report.to_dict(),
     }
     sizes, written = {}, 0
-    with CacheWriter(out, attrs, overwrite=config.overwrite) as writer:
+    with CacheWriter(out, attrs, overwrite=config.overwrite, splits=list(datasets)) as writer:
         resumed = writer.resuming
         # Every split exists before any is written, so an interrupted file always shows unfinished work.
         split_writers = {split: writer.split(split, len(dataset), list(PARAMETER_FREE_POOLS))
                          for split, dataset in datasets.items()}
+        for split, split_writer in split_writers.items():
+            _check_same_data(out, datasets[split], split, split_writer, runner)
         for split, split_writer in split_writers.items():
             sizes[split] = len(datasets[split])
             if not split_writer.complete:
                 written += runner.run_split(datasets[split], split, split_writer, on_progress)
                 split_writer.finish()
     return ExtractResult(Path(out), sizes, written, resumed, report, time.perf_counter() - started)
+
+
+def _check_same_data(path: str | Path, dataset: Any, split: str, split_writer: SplitWriter, runner: "_Runner") -> None:
+    """Refuse to resume a split whose committed rows came from other data (a changed data set of the same size).
+
+    The data is identified by content, not by how its path was spelled: the ids and labels of a
+    sample of the committed rows (RESUME_SAMPLE of them, evenly spread, the last one included) must
+    be those of the same items of the dataset now. Loading every committed item would cost a pass
+    over the data; a changed data set almost always changes the sampled ids.
+    """
+    rows = split_writer.rows_written
+    if rows == 0:
+        return
+    sample = np.unique(np.linspace(0, rows - 1, num=min(rows, RESUME_SAMPLE)).round().astype(np.int64))
+    have_ids, have_labels = split_writer.committed(sample)
+    for row, have_id, have_label in zip(sample.tolist(), have_ids, have_labels.tolist()):
+        _, label, item_id = dataset[row]
+        item_id = str(item_id)
+        label = runner.check_label(label, item_id, split)
+        if (item_id, label) != (have_id, have_label):
+            raise OutputExistsError(
+                f"{path}: split {split!r} was extracted from other data: its row {row} is id {have_id!r} with "
+                f"label {have_label} in the cache, but id {item_id!r} with label {label} in the data now. Extract "
+                f"the changed data into another --out, or pass --overwrite to replace the cache (its {rows} "
+                f"committed rows of {split!r} are then extracted again)")
 
 
 def _splits_to_extract(spec: Any, wanted: Sequence[str] | None) -> list[str]:
@@ -305,7 +335,6 @@ class _Runner:
 
     def _rows(self, batch: Any, labels: list, ids: list[str], split: str) -> Iterator[tuple]:
         hidden, mask = self.encode(batch)
-        rounded = round_through(hidden, self.config.dtype)
         lengths = mask.sum(1)
         empty = (lengths == 0).nonzero().flatten()
         if len(empty):
@@ -316,19 +345,41 @@ class _Runner:
             raise NonFiniteError(f"the backbone produced NaN or Inf for sequence {ids[int(broken[0])]!r} of split "
                                  f"{split!r}; check that sequence's inputs (the rows before it are kept, and a "
                                  "rerun resumes there)")
+        if self.config.dtype == "float16":  # before rounding, where an overflow is still a number
+            check_float16_range(hidden, mask, ids, split)
+        rounded = round_through(hidden, self.config.dtype)
         pooled = {name: pool_parameter_free(name, rounded, mask).cpu().numpy() for name in PARAMETER_FREE_POOLS}
         stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()
         mask_np = mask.cpu().numpy()
         for b, (label, item_id) in enumerate(zip(labels, ids)):
-            label = self._check_label(label, item_id, split)
+            label = self.check_label(label, item_id, split)
             yield stored[b][mask_np[b]], label, item_id, {name: p[b] for name, p in pooled.items()}
 
-    def _check_label(self, label: Any, item_id: str, split: str) -> int:
-        value = int(label) if not isinstance(label, torch.Tensor) else int(label.item())
-        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
-            raise DataError(f"sequence {item_id!r} of split {split!r} has label {value}; labels must be "
-                            f"0..{(self.num_classes or 2) - 1}")
-        return value
+    def check_label(self, label: Any, item_id: str, split: str) -> int:
+        """A label as the cache stores it: a class index in [0, num_classes), or -1 for an unlabelled item (None).
+
+        Refused, naming the item and split: a bool, a string, a float that is not a whole number, a
+        negative number, or a class beyond the spec's num_classes (labels are never truncated or cast).
+        """
+        if label is None:
+            return -1
+        if isinstance(label, torch.Tensor) and label.numel() == 1:
+            label = label.item()
+        elif isinstance(label, (np.ndarray, np.generic)) and np.size(label) == 1:
+            label = label.item()
+        where = f"sequence {item_id!r} of split {split!r}"
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            raise DataError(f"{where} has label {label!r} ({type(label).__name__}); a label must be an integer class "
+                            "index (or None for an unlabelled item): fix the spec's dataset")
+        if isinstance(label, float):
+            if not label.is_integer():
+                raise DataError(f"{where} has label {label!r}, not a whole number; a label must be an integer class "
+                                "index (or None for an unlabelled item): fix the spec's dataset")
+            label = int(label)
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            allowed = f"0..{self.num_classes - 1} (the spec's num_classes)" if self.num_classes else "0 or more"
+            raise DataError(f"{where} has label {label}; labels must be {allowed}, or None for an unlabelled item")
+        return label
 
 
 def _contiguous(pending: dict[int, tuple], start: int) -> int:

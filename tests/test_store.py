@@ -25,7 +25,7 @@ from headcache.errors import (
     SplitIncompleteError,
     SplitMissingError,
 )
-from headcache.store import SCHEMA, CacheReader, CacheWriter, data_fingerprint, sequence_bounds
+from headcache.store import MAX_INFERRED_CLASSES, SCHEMA, CacheReader, CacheWriter, data_fingerprint, sequence_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("data") / "schema1_tiny.h5"
@@ -142,8 +142,9 @@ class TestCreate:
             assert writer.resuming is False
         with h5py.File(path, "r") as f:
             assert dict(f.attrs) == {
-                "format": "headcache", "schema": 1, "backbone_fingerprint": "ab" * 32, "spec": "demo",
-                "checkpoint_sha256": "cd" * 32, "hidden_dim": D, "dtype": "float32", "created_by": "headcache 0.1.0",
+                "format": "headcache", "schema": 2, "backbone_fingerprint": "ab" * 32, "spec": "demo",
+                "checkpoint_sha256": "cd" * 32, "hidden_dim": D, "dtype": "float32", "amp": "none", "num_classes": 2,
+                "class_names": '["0", "1"]', "created_by": "headcache 0.1.0",
                 "load_report": '{"key_map": {}, "loaded": 7}',
             }
 
@@ -153,15 +154,17 @@ class TestCreate:
             writer.split("train", 5, ["mean", "last"])
         with h5py.File(path, "r") as f:
             g = f["train"]
-            assert dict(g.attrs) == {"n": 5, "complete": False, "data_fingerprint": "", "rows_written": 0}
+            assert dict(g.attrs) == {"n": 5, "complete": False, "labeled": True, "data_fingerprint": "",
+                                     "rows_pending": 0, "rows_written": 0}
             tokens = g["tokens"]
             assert (tokens.dtype, tokens.shape, tokens.maxshape) == (np.float16, (0, D), (None, D))
             assert tokens.chunks == ((1 << 20) // (D * 2), D) and tokens.fletcher32
-            assert (g["offsets"].dtype, g["offsets"].shape) == (np.int64, (6,))
-            assert (g["labels"].dtype, g["labels"].shape) == (np.int64, (5,))
+            assert (g["offsets"].dtype, g["offsets"].shape, g["offsets"].fletcher32) == (np.int64, (6,), True)
+            assert (g["labels"].dtype, g["labels"].shape, g["labels"].fletcher32) == (np.int64, (5,), True)
             assert h5py.check_string_dtype(g["ids"].dtype).encoding == "utf-8"
             assert sorted(g["pooled"]) == ["last", "mean"]
             assert (g["pooled/mean"].dtype, g["pooled/mean"].shape) == (np.float32, (5, D))
+            assert g["pooled/mean"].fletcher32 and g["pooled/mean"].chunks == (5, D)
 
     def test_finish_marks_complete_with_the_data_fingerprint(self, tmp_path):
         path = tmp_path / "c.h5"
@@ -287,8 +290,9 @@ class TestRoundTrip:
         seqs = [data.draw(st.lists(finite, min_size=n * d, max_size=n * d)) for n in lengths]
         seqs = [np.array(s, dtype=np.float32).reshape(n, d) for s, n in zip(seqs, lengths)]
         ids = data.draw(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")),
-                                 min_size=len(seqs), max_size=len(seqs)))
-        labels = np.array(data.draw(st.lists(st.integers(-(2**62), 2**62), min_size=len(seqs), max_size=len(seqs))))
+                                 min_size=len(seqs), max_size=len(seqs), unique=True))
+        labels = np.array(data.draw(st.lists(st.integers(-1, MAX_INFERRED_CLASSES - 1), min_size=len(seqs),
+                                             max_size=len(seqs))))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "c.h5"
             with CacheWriter(path, make_attrs(hidden_dim=d)) as writer:
@@ -344,7 +348,7 @@ class TestRoundTrip:
         with CacheReader(path) as reader:
             got = (reader.schema, reader.hidden_dim, reader.dtype, reader.backbone_fingerprint, reader.spec,
                    reader.checkpoint_sha256, reader.created_by, reader.load_report, reader.splits)
-        assert got == (1, D, "float32", "ab" * 32, "demo", "cd" * 32, "headcache 0.1.0",
+        assert got == (2, D, "float32", "ab" * 32, "demo", "cd" * 32, "headcache 0.1.0",
                        {"loaded": 7, "key_map": {}}, ["train", "val"])
         assert type(got[1]) is int and type(got[0]) is int
 
@@ -493,11 +497,11 @@ class TestReaderRefusals:
         path = tmp_path / "c.h5"
         one_go(path, ragged([1]), ragged([1]))
         with h5py.File(path, "r+") as f:
-            f.attrs["schema"] = 2
+            f.attrs["schema"] = 3
         with pytest.raises(SchemaError) as info:
             CacheReader(path)
         message = str(info.value)
-        assert "has cache schema 2" in message and f"reads schema {SCHEMA}" in message
+        assert "has cache schema 3" in message and f"reads schemas 1, {SCHEMA}" in message
         assert "Re-extract the cache with this version (headcache extract ... --overwrite)" in message
 
     def test_schema_error_is_a_value_error(self, tmp_path):
@@ -593,7 +597,7 @@ class TestWriterRefusals:
 
     @pytest.mark.parametrize("change, shown", [
         ({"backbone_fingerprint": "ef" * 32}, "backbone_fingerprint 'abababababab' in the file, 'efefefefefef' now"),
-        ({"spec": "seqsetvae"}, "spec 'demo' in the file, 'seqsetvae' now"),
+        ({"amp": "bf16"}, "amp 'none' in the file, 'bf16' now"),
         ({"hidden_dim": 8}, "hidden_dim 4 in the file, 8 now"),
         ({"dtype": "float16"}, "dtype 'float32' in the file, 'float16' now"),
     ])
@@ -648,14 +652,14 @@ class TestSummary:
             summary = reader.summary()
         fingerprint = data_fingerprint(["id-0", "id-1", "id-2"], np.array([0, 1, 2]), np.array([0, 2, 2, 6]))
         assert summary == {
-            "path": str(path), "format": "headcache", "schema": 1, "hidden_dim": D, "dtype": "float32",
-            "backbone_fingerprint": "ab" * 32, "spec": "demo", "checkpoint_sha256": "cd" * 32,
+            "path": str(path), "format": "headcache", "schema": 2, "hidden_dim": D, "dtype": "float32",
+            "amp": "none", "num_classes": 3, "class_names": ["0", "1", "2"], "backbone_fingerprint": "ab" * 32, "spec": "demo", "checkpoint_sha256": "cd" * 32,
             "created_by": "headcache 0.1.0", "load_report": {"loaded": 7, "key_map": {}},
             "splits": {
-                "train": {"n": 3, "complete": True, "rows_written": 3, "tokens": 6, "data_fingerprint": fingerprint,
+                "train": {"n": 3, "complete": True, "labeled": True, "rows_written": 3, "tokens": 6, "data_fingerprint": fingerprint,
                           "pooled": ["last", "mean"], "class_counts": {"0": 1, "1": 1, "2": 1},
                           "lengths": {"min": 0, "mean": 2.0, "max": 4}},
-                "val": {"n": 4, "complete": False, "rows_written": 2, "tokens": 3, "data_fingerprint": None,
+                "val": {"n": 4, "complete": False, "labeled": True, "rows_written": 2, "tokens": 3, "data_fingerprint": None,
                         "pooled": ["last", "mean"], "class_counts": {"0": 1, "1": 1},
                         "lengths": {"min": 1, "mean": 1.5, "max": 2}},
             },
