@@ -962,18 +962,24 @@ class SplitReader:
     def _check_shapes(self) -> None:
         d, n = self._reader.hidden_dim, self.n
 
-        def shape_of(name: str) -> tuple:
+        def shape_of(name: str, dtype: str | None = None) -> tuple:
             found = self._guard(name, lambda: self._group.get(name))
             if not isinstance(found, h5py.Dataset):
                 raise self._damaged(f"it has no {name!r} dataset")
+            # Exact dtypes, byte order included: a damaged type header would otherwise decode to other values.
+            have = self._guard(name, lambda: found.dtype)
+            if dtype is not None and have != np.dtype(dtype):
+                raise self._damaged(f"its {name} are stored as {have.str}, not {np.dtype(dtype).str}", name)
+            if dtype is None and h5py.check_string_dtype(have) is None:
+                raise self._damaged(f"its {name} are stored as {have}, not strings", name)
             return self._guard(name, lambda: found.shape)
 
-        tokens = shape_of("tokens")
+        tokens = shape_of("tokens", "<f2" if self._reader.dtype == "float16" else "<f4")
         if len(tokens) != 2 or tokens[1] != d:
             raise self._damaged(f"its tokens are {tokens}, not (rows, {d}) for hidden_dim {d}")
         for name, want in (("offsets", (n + 1,)), ("labels", (n,))):
-            if shape_of(name) != want:
-                raise self._damaged(f"its {name} are {shape_of(name)}, not {want} for n={n}")
+            if shape_of(name, "<i8") != want:
+                raise self._damaged(f"its {name} are {shape_of(name, '<i8')}, not {want} for n={n}")
         ids = shape_of("ids")
         if len(ids) != 1 or ids[0] < self._rows:
             raise self._damaged(f"its ids are {ids}, fewer than the {self._rows} sequences written")
@@ -981,7 +987,7 @@ class SplitReader:
         if not isinstance(pooled, h5py.Group):
             raise self._damaged("it has no 'pooled' group")
         for pooled_name in self.pooled_names:
-            have = shape_of(f"pooled/{pooled_name}")
+            have = shape_of(f"pooled/{pooled_name}", "<f4")
             if have != (n, d):
                 raise self._damaged(f"its pooled {pooled_name!r} is {have}, not {(n, d)}")
 
@@ -1068,6 +1074,12 @@ class SplitReader:
             seen: set[str] = set()
             twice = next(i for i in ids if i in seen or seen.add(i))
             raise self._damaged(f"id {twice!r} appears more than once", "ids")
+        # HDF5 cannot checksum variable-length strings: the data fingerprint recorded when the split
+        # was finished stands in (an sha256 over ids, labels and offsets, small next to the tokens).
+        if bool(self._attrs["complete"]) and self.data_fingerprint is not None:
+            if data_fingerprint(ids, self.labels, self.offsets) != self.data_fingerprint:
+                raise self._damaged("its ids, labels or offsets differ from the data fingerprint recorded when it "
+                                    "was finished", "ids")
         return ids
 
     def pooled(self, name: str) -> np.ndarray:
@@ -1114,7 +1126,7 @@ def verify(path: str | Path) -> dict[str, list[str]]:
     Checks what opening checks, plus every checksum (tokens chunk by chunk,
     so memory stays small), the validation of offsets, labels and ids, and a
     complete split's data fingerprint (which covers the ids, which HDF5 cannot
-    checksum).
+    checksum; `SplitReader.ids` checks it).
 
     Returns
     -------
@@ -1132,17 +1144,13 @@ def verify(path: str | Path) -> dict[str, list[str]]:
             problems[name] = found = []
             try:
                 split = reader.split(name, require_complete=False)
-                offsets, labels, ids = split.offsets, split.labels, split.ids
+                split.ids  # reads and checks offsets and labels too (and the data fingerprint)
                 for pooled_name in split.pooled_names:
                     split.pooled(pooled_name)
                 tokens = split._group["tokens"]
                 step = tokens.chunks[0] if tokens.chunks else max(1, CHUNK_BYTES // max(1, tokens.dtype.itemsize))
                 for start in range(0, split.num_tokens, step):
                     split.tokens(start, min(split.num_tokens, start + step))
-                if split.complete and split.data_fingerprint is not None:
-                    if data_fingerprint(ids, labels, offsets) != split.data_fingerprint:
-                        raise split._damaged("its ids, labels or offsets differ from the data fingerprint recorded "
-                                             "when it was finished", "ids")
             except CacheError as exc:
                 found.append(str(exc))
     return problems
