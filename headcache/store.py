@@ -33,8 +33,8 @@ OOM killer) leaves ``rows_written`` describing data that is fully in the file.
 What lies past it may be damaged: a torn write of a chunk that holds the commit
 point leaves that chunk's fletcher32 checksum wrong, and ids past it may point
 at variable-length string heap objects that never reached the file. HDF5 reads
-both when they are overwritten, so a resumed split is first cut back to the
-commit point (`SplitWriter._drop_uncommitted`): the growing datasets (tokens,
+both when they are overwritten, so a resumed split is cut back to the commit
+point before its first write (`SplitWriter._drop_uncommitted`): the growing datasets (tokens,
 ids) are shrunk to the commit point's chunk, and the chunks of the fixed-size
 ones (offsets, labels, pooled) between ``rows_written`` and ``rows_pending``
 are written afresh. The fixed-size datasets are allocated when created: HDF5
@@ -313,10 +313,7 @@ class CacheWriter:
                     f"but this extraction has n={n} and pooled {sorted(pooled_names)}; "
                     "pass --overwrite to extract again"
                 )
-            writer = self._split_writer(group)
-            if not writer.complete:
-                writer._drop_uncommitted()
-            return writer
+            return self._split_writer(group)  # what lies past the commit point is dropped at the first write
         return self._split_writer(self._create_split(name, int(n), pooled_names))
 
     def _split_writer(self, group: h5py.Group) -> "SplitWriter":
@@ -410,6 +407,9 @@ class SplitWriter:
         self._num_classes = num_classes
         self._on_finish = on_finish
         self._seen: dict[str, int] | None = None  # id -> row, of every written row; read when first needed
+        # A resumed split is cut back to its commit point before its first write, not when opened:
+        # a resume refused after looking (`committed`) leaves the file as it was.
+        self._cut = False
         self.name = group.name.lstrip("/")
         self.n = int(group.attrs["n"])
 
@@ -428,8 +428,11 @@ class SplitWriter:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows_written):
             raise CacheError(f"split {self.name!r}: rows {rows.min()}..{rows.max()} are not all written")
-        ids = self._group["ids"].asstr()[:self.rows_written] if rows.size else np.array([], dtype=object)
-        return [str(ids[r]) for r in rows], self._group["labels"][:self.rows_written][rows].astype(np.int64)
+        written = self.rows_written
+        ids = self._group["ids"].asstr()[:written] if rows.size else np.array([], dtype=object)
+        # Read raw: the chunk holding the commit point may be torn (NOTE [ Crash-safe appends ]).
+        labels = _raw_rows(self._group["labels"], 0, written)
+        return [str(ids[r]) for r in rows], labels[rows].astype(np.int64)
 
     def write(
         self,
@@ -503,6 +506,9 @@ class SplitWriter:
                 raise DataError(f"split {self.name!r}: pooled {name!r} must be ({k}, {d}), got {p.shape}")
         if k == 0:
             return
+        if not self._cut:
+            self._drop_uncommitted()
+            self._cut = True
 
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         source = np.concatenate(tokens, axis=0)
