@@ -296,24 +296,42 @@ def inspect_command(
     ctx: typer.Context,
     cache: Path = typer.Argument(..., help="A cache file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verify: bool = typer.Option(False, "--verify", help="Read every dataset (checksums, validation); exit 1 if a "
+                                "split is damaged."),
 ) -> None:
     """Show a cache's splits, sizes, dims, fingerprints and load report."""
     from headcache.store import CacheReader
+    from headcache.store import verify as verify_cache
 
     with _user_errors(ctx):
+        if verify:
+            problems = verify_cache(cache)
+            if as_json:
+                console.print_json(json.dumps({"path": str(cache), "splits": problems}))
+            else:
+                for name, found in problems.items():
+                    console.print(f"{name}: " + ("ok" if not found else "DAMAGED: " + "; ".join(found)),
+                                  highlight=False)
+            damaged = [name for name, found in problems.items() if found]
+            if damaged:
+                errors.print(f"[bold red]error:[/bold red] {cache}: damaged split(s) {', '.join(damaged)}",
+                             highlight=False)
+                raise typer.Exit(1)
+            return
         with CacheReader(cache) as reader:
             summary = reader.summary()
         if as_json:
             console.print_json(json.dumps(summary, default=str))
             return
-        for key in ("spec", "hidden_dim", "dtype", "backbone_fingerprint", "checkpoint_sha256", "created_by"):
+        for key in ("spec", "hidden_dim", "dtype", "amp", "num_classes", "backbone_fingerprint", "checkpoint_sha256",
+                    "created_by"):
             console.print(f"[bold]{key}[/bold]: {summary.get(key)}", highlight=False)
         table = Table("split", "sequences", "tokens", "complete", "classes", "length min/mean/max")
         for name, split in summary["splits"].items():
-            lengths = split.get("lengths", {})
-            table.add_row(name, str(split["n"]), str(split.get("tokens")), str(split["complete"]),
-                          str(split.get("class_counts")),
-                          f"{lengths.get('min')}/{lengths.get('mean', 0):.1f}/{lengths.get('max')}" if lengths else "-")
+            lengths = split["lengths"]
+            shown = "-" if lengths["mean"] is None else f"{lengths['min']}/{lengths['mean']:.1f}/{lengths['max']}"
+            table.add_row(name, str(split["n"]), str(split["tokens"]), str(split["complete"]),
+                          str(split["class_counts"]), shown)
         console.print(table)
         report = summary.get("load_report") or {}
         console.print(f"load report: {report.get('loaded')} tensors loaded, {len(report.get('unexpected', []))} "

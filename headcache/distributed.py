@@ -230,7 +230,8 @@ def _check_parts(parts: list[Path], readers: list[CacheReader]) -> tuple[dict, l
                                  f"{total} holds {stop - start}: the parts come from different data")
     attrs = {"backbone_fingerprint": first.backbone_fingerprint, "spec": first.spec,
              "checkpoint_sha256": first.checkpoint_sha256, "hidden_dim": first.hidden_dim, "dtype": first.dtype,
-             "load_report": first.load_report}
+             "load_report": first.load_report,
+             **{key: getattr(first, key) for key in ("amp", "num_classes", "class_names") if hasattr(first, key)}}
     return attrs, first.splits
 
 

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from headcache._version import __version__
 from headcache.checkpoint import LoadReport
 from headcache.config import AMP_DTYPES, ExtractConfig  # ExtractConfig re-exported: it lived here
 from headcache.devices import resolve_device, to_device
@@ -55,7 +54,7 @@ from headcache.errors import (
 )
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
 from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member, spec_splits
-from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter
+from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
@@ -63,6 +62,7 @@ PADDING_PROBE = 4  # items encoded alone and together to check padding invarianc
 # 1e-4 for states of order one or less, relative above, since float rounding grows with the magnitude (a
 # batch-shape dependent kernel moves a state of 1e6 by whole ulps, about 0.1).
 PADDING_TOLERANCE = 1e-4
+RESUME_SAMPLE = 256  # committed rows compared with the data before a resume (`_check_same_data`)
 
 
 class PaddingInvarianceWarning(UserWarning):
@@ -232,19 +232,24 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     hidden_dim = runner.probe(datasets[splits[0]], splits[0])
     attrs = {
         "backbone_fingerprint": report.fingerprint,
+        # Provenance only: a resume compares the data itself (`_check_same_data`), not this text.
         "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),
         "checkpoint_sha256": report.checkpoint_sha256,  # every report carries it (load_checkpoint, load_from_spec)
         "hidden_dim": hidden_dim,
         "dtype": config.dtype,
-        "created_by": f"headcache {__version__}",
+        "amp": config.amp,
+        "num_classes": runner.num_classes,
+        "class_names": getattr(spec, "class_names", None),
         "load_report": report.to_dict(),
     }
     sizes, written = {}, 0
-    with CacheWriter(out, attrs, overwrite=config.overwrite) as writer:
+    with CacheWriter(out, attrs, overwrite=config.overwrite, splits=list(datasets)) as writer:
         resumed = writer.resuming
         # Every split exists before any is written, so an interrupted file always shows unfinished work.
         split_writers = {split: writer.split(split, len(dataset), list(PARAMETER_FREE_POOLS))
                          for split, dataset in datasets.items()}
+        for split, split_writer in split_writers.items():
+            _check_same_data(out, datasets[split], split, split_writer, runner)
         for split, split_writer in split_writers.items():
             sizes[split] = len(datasets[split])
             if not split_writer.complete:
@@ -264,6 +269,31 @@ def _datasets(spec: Any, splits: Sequence[str]) -> dict[str, Any]:
         with spec_member("dataset", f"split {split!r}"):
             datasets[split] = spec.dataset(split)
     return datasets
+
+
+def _check_same_data(path: str | Path, dataset: Any, split: str, split_writer: SplitWriter, runner: "_Runner") -> None:
+    """Refuse to resume a split whose committed rows came from other data (a changed data set of the same size).
+
+    The data is identified by content, not by how its path was spelled: the ids and labels of a
+    sample of the committed rows (RESUME_SAMPLE of them, evenly spread, the last one included) must
+    be those of the same items of the dataset now. Loading every committed item would cost a pass
+    over the data; a changed data set almost always changes the sampled ids.
+    """
+    rows = split_writer.rows_written
+    if rows == 0:
+        return
+    sample = np.unique(np.linspace(0, rows - 1, num=min(rows, RESUME_SAMPLE)).round().astype(np.int64))
+    have_ids, have_labels = split_writer.committed(sample)
+    for row, have_id, have_label in zip(sample.tolist(), have_ids, have_labels.tolist()):
+        _, label, item_id = dataset[row]
+        item_id = str(item_id)
+        label = runner.check_label(label, item_id, split)
+        if (item_id, label) != (have_id, have_label):
+            raise OutputExistsError(
+                f"{path}: split {split!r} was extracted from other data: its row {row} is id {have_id!r} with "
+                f"label {have_label} in the cache, but id {item_id!r} with label {label} in the data now. Extract "
+                f"the changed data into another --out, or pass --overwrite to replace the cache (its {rows} "
+                f"committed rows of {split!r} are then extracted again)")
 
 
 def _splits_to_extract(spec: Any, wanted: Sequence[str] | None) -> list[str]:
@@ -370,33 +400,42 @@ class _Runner:
             raise NonFiniteError(f"the backbone produced NaN or Inf for sequence {ids[int(broken[0])]!r} of split "
                                  f"{split!r}; check that sequence's inputs (the rows before it are kept, and a "
                                  "rerun resumes there)")
+        if self.config.dtype == "float16":  # before rounding, where an overflow is still a number
+            check_float16_range(hidden, mask, ids, split)
         # the same rounding and pools as the live source and the exported model: NOTE [ One seam ] in pooling.py
         rounded, mask, pooled_states = cache_inputs(hidden, mask, dtype=self.config.dtype)
         pooled = {name: vectors.cpu().numpy() for name, vectors in pooled_states.items()}
         stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()  # exact: already rounded
         mask_np = mask.cpu().numpy()
         for b, (label, item_id) in enumerate(zip(labels, ids)):
-            label = self._check_label(label, item_id, split)
+            label = self.check_label(label, item_id, split)
             yield stored[b][mask_np[b]], label, item_id, {name: p[b] for name, p in pooled.items()}
 
-    def _check_label(self, label: Any, item_id: str, split: str) -> int:
-        """The label as stored: an int, or -1 for None (an unlabelled item); anything not an integer is refused
-        (int() would truncate 1.5 to 1, and a string would fail far from the item)."""
+    def check_label(self, label: Any, item_id: str, split: str) -> int:
+        """A label as the cache stores it: a class index in [0, num_classes), or -1 for an unlabelled item (None).
+
+        Refused, naming the item and split: a bool, a string, a float that is not a whole number, a
+        negative number, or a class beyond the spec's num_classes (labels are never truncated or cast).
+        """
         if label is None:
             return -1
         if isinstance(label, torch.Tensor) and label.numel() == 1:
             label = label.item()
-        elif isinstance(label, (np.ndarray, np.generic)) and label.size == 1:
+        elif isinstance(label, (np.ndarray, np.generic)) and np.size(label) == 1:
             label = label.item()
-        if not isinstance(label, int):
-            raise DataError(f"sequence {item_id!r} of split {split!r} has label {label!r} ({type(label).__name__}); "
-                            "a label must be an integer class index, or None for an unlabelled item: fix "
-                            "spec.dataset's labels")
-        value = int(label)
-        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
-            raise DataError(f"sequence {item_id!r} of split {split!r} has label {value}; labels must be "
-                            f"0..{(self.num_classes or 2) - 1}")
-        return value
+        where = f"sequence {item_id!r} of split {split!r}"
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            raise DataError(f"{where} has label {label!r} ({type(label).__name__}); a label must be an integer class "
+                            "index (or None for an unlabelled item): fix the spec's dataset")
+        if isinstance(label, float):
+            if not label.is_integer():
+                raise DataError(f"{where} has label {label!r}, not a whole number; a label must be an integer class "
+                                "index (or None for an unlabelled item): fix the spec's dataset")
+            label = int(label)
+        if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+            allowed = f"0..{self.num_classes - 1} (the spec's num_classes)" if self.num_classes else "0 or more"
+            raise DataError(f"{where} has label {label}; labels must be {allowed}, or None for an unlabelled item")
+        return label
 
 
 def _contiguous(pending: dict[int, tuple], start: int) -> int:

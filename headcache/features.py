@@ -103,6 +103,7 @@ class CachedFeatures:
             self.hidden_dim = reader.hidden_dim
             self.dtype = reader.dtype
             self.backbone_fingerprint = reader.backbone_fingerprint
+            self.num_classes = getattr(reader, "num_classes", None)  # recorded from schema 2 on
             self.splits = tuple(reader.splits)
         self.memory_budget = default_memory_budget(device) if memory_budget is None else memory_budget
         self.block_bytes = block_bytes

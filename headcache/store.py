@@ -1,34 +1,58 @@
-"""The HDF5 cache, schema 1: a writer and a reader, nothing else.
+"""The HDF5 cache, schema 2 (schema 1 still reads): a writer, a reader and its validation, nothing else.
 
 Layout (DESIGN.md, "Cache format")::
 
-    /                 attrs: format="headcache", schema=1, backbone_fingerprint, spec,
-                      checkpoint_sha256, hidden_dim, dtype, created_by, load_report (JSON)
-    /<split>/tokens   (sum T_i, D) float16|float32, resizable and chunked by rows, fletcher32
+    /                 attrs: format="headcache", schema=2, backbone_fingerprint, spec,
+                      checkpoint_sha256, hidden_dim, dtype, amp ("none", "bf16", "fp16"),
+                      num_classes, class_names (JSON list), created_by, load_report (JSON)
+    /<split>/tokens   (sum T_i, D) float16|float32, resizable and chunked by rows
     /<split>/offsets  (N+1,) int64: sequence i is tokens[offsets[i]:offsets[i+1]]
-    /<split>/labels   (N,) int64
-    /<split>/ids      (N,) utf-8 strings
+    /<split>/labels   (N,) int64; -1 = unlabelled
+    /<split>/ids      (N,) utf-8 strings, unique
     /<split>/pooled/<name>  (N, D) float32
-    /<split>          attrs: n, complete, data_fingerprint, rows_written
+    /<split>          attrs: n, complete, labeled, data_fingerprint, rows_written, rows_pending
+
+Every dataset but ``ids`` carries a fletcher32 checksum: HDF5 refuses filters
+on variable-length strings ("not suitable for filters"), so ids are covered by
+``data_fingerprint`` instead (checked by `verify`). Schema 1 lacks ``amp``,
+``num_classes``, ``class_names``, ``labeled`` and ``rows_pending``, and its
+offsets, labels and pooled matrices are contiguous, unchecksummed datasets.
 
 Ragged sequences are stored flat with offsets (no padding on disk); the offset
 arithmetic lives in `sequence_bounds` only. Like h5py, the reader caches only
 what cannot change after creation (schema, hidden_dim, dtype, fingerprint) and
-reads ``complete`` and ``rows_written`` fresh every time.
+reads ``complete`` and ``rows_written`` fresh every time; a `SplitReader`
+costs nothing to open and reads offsets, labels and ids when first asked.
 
 NOTE [ Crash-safe appends ]
-``rows_written`` is the commit point. `SplitWriter.write` writes the token
-rows and the per-sequence rows, flushes, and only then sets ``rows_written``
-and flushes again; so a process killed anywhere (SIGKILL, the OOM killer)
-leaves ``rows_written`` describing data that is fully in the file. What lies
-past it may be damaged: a torn write of the token chunk that holds the commit
+``rows_written`` is the commit point. `SplitWriter.write` first records the
+rows it is about to write as ``rows_pending`` and flushes, then writes the
+token rows and the per-sequence rows, flushes, and only then sets
+``rows_written`` and flushes again; so a process killed anywhere (SIGKILL, the
+OOM killer) leaves ``rows_written`` describing data that is fully in the file.
+What lies past it may be damaged: a torn write of a chunk that holds the commit
 point leaves that chunk's fletcher32 checksum wrong, and ids past it may point
 at variable-length string heap objects that never reached the file. HDF5 reads
-both when they are overwritten, so a resumed split is first cut back to the
-commit point (`SplitWriter._drop_uncommitted`). Files use HDF5's default
-(earliest) format: ``libver="latest"`` would write superblock v3, which marks a
-file open for writing and refuses to reopen it after a crash. (Power loss is
+both when they are overwritten, so a resumed split is cut back to the commit
+point before its first write (`SplitWriter._drop_uncommitted`): the growing datasets (tokens,
+ids) are shrunk to the commit point's chunk, and the chunks of the fixed-size
+ones (offsets, labels, pooled) between ``rows_written`` and ``rows_pending``
+are written afresh. The fixed-size datasets are allocated when created: HDF5
+allocates space at the first write by default, and a writer killed while
+flushing that write can leave a dataset pointing past the end of the file as
+recorded, which the file then refuses to open. Files use HDF5's default
+(earliest) format: ``libver="latest"`` would write superblock v3, which marks
+a file open for writing and refuses to reopen it after a crash. (Power loss is
 another matter: nothing here calls fsync.)
+
+NOTE [ Atomic replacement ]
+A cache the user has is never truncated: `CacheWriter` with ``overwrite=True``
+writes a temporary file in the same folder and renames it over the old one
+(`os.replace`) only when it closes after a successful run. A refused or failed
+overwrite leaves the old file byte-identical, and a process reading the old
+file keeps reading it (it holds the old inode). Another process *writing* the
+old file is detected through HDF5's file lock (writers hold it exclusively,
+readers shared) and refused, before the work and again before the rename.
 
 h5py serialises every HDF5 call under one global lock, so a cache file should
 be touched by one thread only (the writer thread of extraction, the prefetch
@@ -38,11 +62,16 @@ This module imports h5py, numpy and torch tensors (for `round_through`), never m
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -66,19 +95,32 @@ from headcache.errors import (
     SplitMissingError,
 )
 
-SCHEMA = 1
+SCHEMA = 2
+READ_SCHEMAS = (1, 2)
 FORMAT = "headcache"
 DTYPES = ("float16", "float32")
-# Root attributes the caller supplies; format, schema and created_by are added here.
+AMPS = ("none", "bf16", "fp16")
+# Root attributes the caller must supply; format, schema and created_by are added here.
 WRITER_ATTRS = ("backbone_fingerprint", "spec", "checkpoint_sha256", "hidden_dim", "dtype", "load_report")
-# What must match for an existing file to be resumed rather than refused.
-IDENTITY_ATTRS = ("backbone_fingerprint", "spec", "hidden_dim", "dtype")
-# Token chunks of about 1 MiB: large enough for fast sequential reads, small
-# enough that reading one sequence does not checksum much more than it needs.
+# Root attributes the caller may supply: amp (None: "none"), and the spec's classes (None: from the labels).
+OPTIONAL_ATTRS = ("amp", "num_classes", "class_names")
+# What must match for an existing file to be resumed rather than refused. Not the spec text: it holds
+# the spec options (a data path spelled relative or absolute); the data is compared by content instead.
+IDENTITY_ATTRS = ("backbone_fingerprint", "hidden_dim", "dtype", "amp")
+# Chunks of about 1 MiB: large enough for fast sequential reads, small enough that reading one
+# sequence does not checksum much more than it needs.
 CHUNK_BYTES = 1 << 20
 # ids are chunked (not contiguous) only so a resume can drop chunks past the commit point.
 ID_CHUNK = 4096
+MIN_CLASSES = 2
+# Without the spec's classes, a label above this is taken for a mistake (an id given as the label, say)
+# rather than a task of that many classes: a spec with more classes says so (num_classes).
+MAX_INFERRED_CLASSES = 1000
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_SKIP_FLETCHER32 = 1  # a chunk filter mask: the first (only) filter, fletcher32, not applied
+# What h5py raises on a damaged file: a failed checksum or a broken structure (OSError), or
+# attributes and objects that decode to nonsense.
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError, IndexError)
 
 
 def round_through(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -86,6 +128,38 @@ def round_through(hidden: torch.Tensor, dtype: str) -> torch.Tensor:
     that dtype sees. Extraction pools these rounded states, and the live source and the exported model
     round the same way (NOTE [ Float16 rounding in the live source ] in features.py)."""
     return hidden.float().to(getattr(torch, dtype)).float()
+
+
+def check_float16_range(hidden: torch.Tensor, mask: torch.Tensor, ids: Sequence[str], split: str) -> None:
+    """Refuse float32 states that become inf in float16, before they are rounded.
+
+    Extraction pools and stores states already rounded through float16
+    (`round_through`), where an overflow is an inf among infs; so it is checked
+    here, on the states the backbone gave.
+
+    Parameters
+    ----------
+    hidden : Tensor (B, T, D) float32
+    mask : Tensor (B, T) bool
+    ids : sequence of B str
+    split : str
+
+    Raises
+    ------
+    DataError
+        A real position of a sequence overflows; names the sequence and the fix.
+    """
+    finite = torch.isfinite(hidden)
+    overflow = (torch.isinf(hidden.to(torch.float16)) & finite & mask.unsqueeze(-1)).flatten(1).any(1)
+    if bool(overflow.any()):
+        b = int(overflow.nonzero()[0])
+        largest = float(torch.where(finite[b], hidden[b].abs(), 0.0).max())
+        raise DataError(_float16_message(split, ids[b], largest))
+
+
+def _float16_message(split: str, seq_id: str, largest: float) -> str:
+    return (f"split {split!r}, sequence {seq_id!r}: hidden states up to {largest:.4g} exceed float16's range "
+            f"({_FLOAT16_MAX:g}); extract with --dtype float32")
 
 
 def sequence_bounds(offsets: np.ndarray, rows: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +191,13 @@ def sequence_bounds(offsets: np.ndarray, rows: np.ndarray | Sequence[int]) -> tu
     return offsets[rows], offsets[rows + 1]
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """Class names of a cache whose spec names none: the class indices."""
+    return [str(c) for c in range(num_classes)]
+
+
 class CacheWriter:
-    """Create a cache file, or resume an interrupted one; context manager.
+    """Create a cache file, resume an interrupted one, or replace one; context manager.
 
     Parameters
     ----------
@@ -127,48 +206,80 @@ class CacheWriter:
     attrs : dict
         ``backbone_fingerprint``, ``spec``, ``checkpoint_sha256``,
         ``hidden_dim`` (int), ``dtype`` (``"float16"`` or ``"float32"``) and
-        ``load_report`` (a dict, stored as JSON).
+        ``load_report`` (a dict, stored as JSON); optionally ``amp`` (None,
+        ``"bf16"`` or ``"fp16"``) and the spec's ``num_classes`` and
+        ``class_names``. Without classes, they come from the labels: each
+        finished split raises ``num_classes`` to its largest label + 1 (at
+        least 2).
     overwrite : bool
-        Replace an existing file.
+        Replace an existing file (NOTE [ Atomic replacement ]): the new file is
+        written beside it and renamed over it when the writer closes.
+    splits : sequence of str, optional
+        The splits this run will write. A file whose splits are all complete
+        is refused as finished; with ``splits``, only when each of these is
+        complete (so a new split can be added to a finished cache).
 
     Attributes
     ----------
     resuming : bool
-        True when an existing, interrupted cache of the same backbone, spec,
-        hidden_dim and dtype was opened to be completed.
+        True when an existing cache of the same backbone, hidden_dim, dtype and
+        amp was opened to be completed or extended.
 
     Raises
     ------
     OutputExistsError
-        The file exists and is complete, belongs to another backbone / spec /
+        The file exists and is complete, belongs to another backbone /
         setting, or is not a headcache cache (and ``overwrite`` is False). The
         file is left untouched: it is only opened read-only to decide.
+    CacheError
+        Another process has the file open (writing it, or reading it while this
+        one would resume it).
     ConfigError
-        ``attrs`` lacks a key or has an invalid dtype / hidden_dim.
+        ``attrs`` lacks a key, has an unknown one, or an invalid value.
 
     Notes
     -----
     Create every split (`split`) before writing data to any of them: then an
-    interrupted file always shows an incomplete split and is resumed, while a
-    file whose splits are all complete is refused as finished.
+    interrupted file always shows an incomplete split and is resumed. Leaving
+    the ``with`` block by an exception abandons a replacement (the old file
+    stays); an interrupted new or resumed file stays, to be resumed.
     """
 
-    def __init__(self, path: str | Path, attrs: Mapping, *, overwrite: bool = False):
+    def __init__(self, path: str | Path, attrs: Mapping, *, overwrite: bool = False,
+                 splits: Sequence[str] | None = None):
         self.path = Path(path)
         attrs = _check_writer_attrs(attrs)
         self._dtype = np.dtype(attrs["dtype"])
         self._hidden_dim = attrs["hidden_dim"]
+        self._num_classes = attrs["num_classes"]  # the spec's, or None: from the labels
         self.resuming = self.path.exists() and not overwrite
+        self._replacing = self.path.exists() and overwrite
         if self.resuming:
-            _check_resumable(self.path, attrs)
-        self._file = _open(self.path, "r+" if self.resuming else "w")
+            _check_resumable(self.path, attrs, splits)
+        if self._replacing:
+            if not self.path.is_file():
+                raise OutputExistsError(f"{self.path} exists and is not a file; choose another --out")
+            _refuse_if_written_elsewhere(self.path)
+            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            shutil.copymode(self.path, temporary)  # the replacement keeps the file's permissions
+            self._write_path = Path(temporary)
+        else:
+            self._write_path = self.path
+        try:
+            self._file = _open(self._write_path, "r+" if self.resuming else "w")
+        except BaseException:
+            self._discard_temporary()
+            raise
         if not self.resuming:
             root = self._file.attrs
             root["format"] = FORMAT
             root["schema"] = SCHEMA
-            for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "dtype"):
+            for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "dtype", "amp"):
                 root[key] = attrs[key]
             root["hidden_dim"] = attrs["hidden_dim"]
+            root["num_classes"] = self._num_classes or MIN_CLASSES
+            root["class_names"] = json.dumps(attrs["class_names"] or default_class_names(MIN_CLASSES))
             root["created_by"] = f"headcache {__version__}"
             root["load_report"] = json.dumps(attrs["load_report"], sort_keys=True)
             self._file.flush()
@@ -208,41 +319,80 @@ class CacheWriter:
                     f"but this extraction has n={n} and pooled {sorted(pooled_names)}; "
                     "pass --overwrite to extract again"
                 )
-            writer = SplitWriter(group, self._dtype, self._hidden_dim)
-            if not writer.complete:
-                writer._drop_uncommitted()
-            return writer
-        return SplitWriter(self._create_split(name, int(n), pooled_names), self._dtype, self._hidden_dim)
+            return self._split_writer(group)  # what lies past the commit point is dropped at the first write
+        return self._split_writer(self._create_split(name, int(n), pooled_names))
+
+    def _split_writer(self, group: h5py.Group) -> "SplitWriter":
+        return SplitWriter(group, self._dtype, self._hidden_dim, self._num_classes, self._record_labels)
+
+    def _record_labels(self, labels: np.ndarray) -> None:
+        """A split finished: without the spec's classes, they grow to cover its labels."""
+        if self._num_classes is not None or not len(labels):
+            return
+        root = self._file.attrs
+        grown = max(int(root["num_classes"]), int(labels.max()) + 1)
+        if grown != int(root["num_classes"]):
+            root["num_classes"] = grown
+            root["class_names"] = json.dumps(default_class_names(grown))
 
     def _create_split(self, name: str, n: int, pooled_names: list[str]) -> h5py.Group:
         d = self._hidden_dim
         group = self._file.create_group(name)
-        chunk_rows = max(1, CHUNK_BYTES // (d * self._dtype.itemsize))
+        token_rows = max(1, CHUNK_BYTES // (d * self._dtype.itemsize))
         group.create_dataset(
-            "tokens", shape=(0, d), maxshape=(None, d), dtype=self._dtype, chunks=(chunk_rows, d), fletcher32=True
+            "tokens", shape=(0, d), maxshape=(None, d), dtype=self._dtype, chunks=(token_rows, d), fletcher32=True
         )
-        group.create_dataset("offsets", shape=(n + 1,), dtype=np.int64, fillvalue=0, dcpl=_early_allocation())
-        group.create_dataset("labels", shape=(n,), dtype=np.int64, dcpl=_early_allocation())
+        _create_fixed(group, "offsets", (n + 1,), np.int64)
+        _create_fixed(group, "labels", (n,), np.int64)
         group.create_dataset("ids", shape=(0,), maxshape=(None,), chunks=(ID_CHUNK,), dtype=h5py.string_dtype())
         pooled = group.create_group("pooled")
         for pooled_name in pooled_names:
-            pooled.create_dataset(pooled_name, shape=(n, d), dtype=np.float32, dcpl=_early_allocation())
+            _create_fixed(pooled, pooled_name, (n, d), np.float32)
         group.attrs["n"] = n
         group.attrs["complete"] = False
+        group.attrs["labeled"] = True
         group.attrs["data_fingerprint"] = ""
-        group.attrs["rows_written"] = 0
+        group.attrs["rows_pending"] = 0
+        group.attrs["rows_written"] = 0  # last: a group without it was never finished being created
         self._file.flush()
         return group
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent); a replacement is renamed into place now (NOTE [ Atomic replacement ]).
+
+        Raises
+        ------
+        CacheError
+            Another process began writing the old file meanwhile: the new one is
+            kept under its temporary name, which the message gives.
+        """
         self._file.close()
+        if self._replacing:
+            self._replacing = False
+            try:
+                _refuse_if_written_elsewhere(self.path)
+            except CacheError as exc:
+                raise CacheError(f"{exc}; the new cache is kept as {self._write_path}") from None
+            os.replace(self._write_path, self.path)
+
+    def abort(self) -> None:
+        """Close after a failure: a replacement's temporary file is deleted, the old file stays as it was."""
+        self._file.close()
+        self._discard_temporary()
+
+    def _discard_temporary(self) -> None:
+        if self._replacing:
+            self._replacing = False
+            self._write_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "CacheWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class SplitWriter:
@@ -255,10 +405,17 @@ class SplitWriter:
         Sequences the split holds when complete.
     """
 
-    def __init__(self, group: h5py.Group, dtype: np.dtype, hidden_dim: int):
+    def __init__(self, group: h5py.Group, dtype: np.dtype, hidden_dim: int, num_classes: int | None,
+                 on_finish: Callable[[np.ndarray], None]):
         self._group = group
         self._dtype = dtype
         self._hidden_dim = hidden_dim
+        self._num_classes = num_classes
+        self._on_finish = on_finish
+        self._seen: dict[str, int] | None = None  # id -> row, of every written row; read when first needed
+        # A resumed split is cut back to its commit point before its first write, not when opened:
+        # a resume refused after looking (`committed`) leaves the file as it was.
+        self._cut = False
         self.name = group.name.lstrip("/")
         self.n = int(group.attrs["n"])
 
@@ -271,6 +428,17 @@ class SplitWriter:
     def complete(self) -> bool:
         """Whether `finish` has run (read from the file)."""
         return bool(self._group.attrs["complete"])
+
+    def committed(self, rows: Sequence[int]) -> tuple[list[str], np.ndarray]:
+        """The ids and labels of written rows ``rows`` (to compare with the data before resuming)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows_written):
+            raise CacheError(f"split {self.name!r}: rows {rows.min()}..{rows.max()} are not all written")
+        written = self.rows_written
+        ids = self._group["ids"].asstr()[:written] if rows.size else np.array([], dtype=object)
+        # Read raw: the chunk holding the commit point may be torn (NOTE [ Crash-safe appends ]).
+        labels = _raw_rows(self._group["labels"], 0, written)
+        return [str(ids[r]) for r in rows], labels[rows].astype(np.int64)
 
     def write(
         self,
@@ -286,19 +454,22 @@ class SplitWriter:
         tokens : sequence of K ndarray (T_i, D)
             Hidden states; T_i may be 0. Cast to the cache dtype.
         labels : ndarray (K,) of int
+            Class indices, or -1 for an unlabelled sequence.
         ids : sequence of K str
+            Unique within the split.
         pooled : dict of str to ndarray (K, D)
             One entry per pooled name of the split; stored as float32.
 
         Raises
         ------
         DataError
-            Shapes or types that do not fit the split, or values that overflow
+            Shapes or types that do not fit the split, a label outside the
+            spec's classes, an id already in the split, or values that overflow
             float16 when the cache is float16.
         CacheError
             The split is complete, or K more sequences would exceed ``n``.
         """
-        k, d = len(tokens), self._hidden_dim
+        k = len(tokens)
         if self.complete:
             raise CacheError(f"split {self.name!r} is already complete; nothing more can be written to it")
         start_row = self.rows_written
@@ -311,9 +482,23 @@ class SplitWriter:
             raise DataError(f"split {self.name!r}: labels must be {k} integers, got {labels.dtype} {labels.shape}")
         if len(ids) != k or not all(isinstance(i, str) for i in ids):
             raise DataError(f"split {self.name!r}: ids must be {k} strings, got {len(ids)}")
+        self._check_labels(labels.astype(np.int64), ids)
         for seq_id in ids:
             if "\0" in seq_id:  # HDF5 strings end at NUL: the id would come back cut short
                 raise DataError(f"split {self.name!r}: id {seq_id!r} contains a NUL character")
+        seen, block = self._seen_ids(), {}
+        for row, seq_id in enumerate(ids, start=start_row):
+            first = seen.get(seq_id, block.get(seq_id))
+            if first is not None:
+                raise DataError(f"split {self.name!r}: id {seq_id!r} is given to rows {first} and {row}; ids must "
+                                "be unique within a split (predictions are joined back by id): fix the data's ids")
+            block[seq_id] = row
+        self._write_checked(tokens, labels, ids, pooled, start_row)
+        seen.update(block)
+
+    def _write_checked(self, tokens: Sequence[np.ndarray], labels: np.ndarray, ids: Sequence[str],
+                       pooled: Mapping[str, np.ndarray], start_row: int) -> None:
+        k, d = len(tokens), self._hidden_dim
         tokens = [np.asarray(t) for t in tokens]
         for t, seq_id in zip(tokens, ids):
             if t.ndim != 2 or t.shape[1] != d:
@@ -327,6 +512,9 @@ class SplitWriter:
                 raise DataError(f"split {self.name!r}: pooled {name!r} must be ({k}, {d}), got {p.shape}")
         if k == 0:
             return
+        if not self._cut:
+            self._drop_uncommitted()
+            self._cut = True
 
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)
         source = np.concatenate(tokens, axis=0)
@@ -336,6 +524,8 @@ class SplitWriter:
             self._check_float16(source, block, lengths, ids)
 
         group = self._group
+        group.attrs["rows_pending"] = start_row + k  # what a resume must rewrite if this block is cut short
+        group.file.flush()
         start = int(group["offsets"][start_row])
         stop = start + int(lengths.sum())
         _ensure_space(Path(group.file.filename), self._block_bytes(start, stop, ids), self.name, k, start_row)
@@ -344,6 +534,8 @@ class SplitWriter:
         group["tokens"][start:stop] = block
         group["offsets"][start_row + 1 : start_row + k + 1] = start + np.cumsum(lengths)
         group["labels"][rows] = labels.astype(np.int64)
+        if (labels < 0).any():
+            group.attrs["labeled"] = False
         group["ids"].resize(start_row + k, axis=0)
         group["ids"][rows] = np.array(ids, dtype=object)
         for name, p in pooled.items():
@@ -374,32 +566,53 @@ class SplitWriter:
         heap = sum(len(i.encode("utf-8")) + 16 for i in ids) + 4096
         return int((token_bytes + id_bytes + heap) * 1.05) + (64 << 10)
 
+    def _check_labels(self, labels: np.ndarray, ids: Sequence[str]) -> None:
+        top = self._num_classes or MAX_INFERRED_CLASSES
+        bad = (labels < -1) | (labels >= top)
+        if bad.any():
+            j = int(np.argmax(bad))
+            whose = "the spec's num_classes" if self._num_classes else "a spec without num_classes"
+            raise DataError(f"split {self.name!r}, sequence {ids[j]!r}: label {int(labels[j])} is not a class: "
+                            f"labels must be 0..{top - 1} ({whose}), or -1 for unlabelled; fix the label, or "
+                            "give the spec's num_classes")
+
+    def _seen_ids(self) -> dict[str, int]:
+        if self._seen is None:
+            written = self._group["ids"].asstr()[: self.rows_written]
+            self._seen = {str(seq_id): row for row, seq_id in enumerate(written)}
+        return self._seen
+
     def _commit(self, rows_written: int) -> None:
         """The commit point: only now do the new rows count (NOTE [ Crash-safe appends ])."""
         self._group.attrs["rows_written"] = rows_written
         self._group.file.flush()
 
     def _drop_uncommitted(self) -> None:
-        """Cut tokens and ids back to the commit point before resuming (NOTE [ Crash-safe appends ]).
+        """Cut every dataset back to the commit point before resuming (NOTE [ Crash-safe appends ]).
 
-        Each dataset is shrunk to the chunk boundary at or below the commit
+        Tokens and ids are shrunk to the chunk boundary at or below the commit
         point, which drops every later chunk without reading it, then grown
         back, and the committed rows of the boundary chunk are written again
-        (a fresh chunk, a fresh checksum). The committed token rows of that
-        chunk are read raw, without the checksum test: a torn rewrite left
-        their bytes intact (they were rewritten with the same values), but
-        maybe not the checksum, which covers the whole chunk.
+        (a fresh chunk, a fresh checksum). Offsets, labels and pooled keep
+        their size: each of their chunks that the cut-short block may have
+        touched is written whole, its committed rows and fill after them. The
+        committed rows of a boundary chunk are read raw, without the checksum
+        test: a torn rewrite left their bytes intact (they were rewritten with
+        the same values), but maybe not the checksum, which covers the whole
+        chunk.
         """
         group = self._group
         rows = self.rows_written
-        end = int(group["offsets"][rows])
+        pending = max(rows, int(group.attrs.get("rows_pending", rows)))
+        offsets = group["offsets"]
+        end = int(_raw_rows(offsets, rows, rows + 1)[0])
+        _rewrite_chunks(offsets, rows + 1, pending + 1)
+        _rewrite_chunks(group["labels"], rows, pending)
+        for pooled in group["pooled"].values():
+            _rewrite_chunks(pooled, rows, pending)
         tokens, ids = group["tokens"], group["ids"]
         token_floor = end - end % tokens.chunks[0]
-        kept_tokens = np.empty((0, self._hidden_dim), dtype=tokens.dtype)
-        if end > token_floor:
-            _, raw = tokens.id.read_direct_chunk((token_floor, 0))
-            count = (end - token_floor) * self._hidden_dim
-            kept_tokens = np.frombuffer(raw, dtype=tokens.dtype, count=count).reshape(-1, self._hidden_dim)
+        kept_tokens = _raw_rows(tokens, token_floor, end)
         id_floor = rows - rows % ids.chunks[0]
         kept_ids = ids[id_floor:rows]  # committed ids point at heap objects in the file
         tokens.resize(token_floor, axis=0)
@@ -408,6 +621,7 @@ class SplitWriter:
         ids.resize(rows, axis=0)
         tokens[token_floor:end] = kept_tokens
         ids[id_floor:rows] = kept_ids
+        group.attrs["rows_pending"] = rows
         group.file.flush()
 
     def _check_float16(self, source: np.ndarray, block: np.ndarray, lengths: np.ndarray, ids: Sequence[str]) -> None:
@@ -416,14 +630,10 @@ class SplitWriter:
         if overflow.any():
             row = int(np.argmax(overflow.any(axis=1)))
             seq = int(np.searchsorted(np.cumsum(lengths), row, side="right"))
-            raise DataError(
-                f"split {self.name!r}, sequence {ids[seq]!r}: hidden states up to "
-                f"{float(np.abs(source[row]).max()):.4g} exceed float16's range ({_FLOAT16_MAX:g}); "
-                "extract with --dtype float32"
-            )
+            raise DataError(_float16_message(self.name, ids[seq], float(np.abs(source[row]).max())))
 
     def finish(self) -> None:
-        """Mark the split complete and record its data fingerprint.
+        """Mark the split complete; record its data fingerprint, whether it is labelled, and its classes.
 
         Raises
         ------
@@ -434,11 +644,61 @@ class SplitWriter:
         if written != self.n:
             raise CacheError(f"split {self.name!r}: {written} of {self.n} sequences are written; cannot finish it")
         group = self._group
-        group.attrs["data_fingerprint"] = data_fingerprint(
-            list(group["ids"].asstr()[()]), group["labels"][()], group["offsets"][()]
-        )
+        labels = group["labels"][()]
+        group.attrs["data_fingerprint"] = data_fingerprint(list(group["ids"].asstr()[()]), labels, group["offsets"][()])
+        group.attrs["labeled"] = bool((labels >= 0).all())
+        self._on_finish(labels)
         group.attrs["complete"] = True
         group.file.flush()
+
+
+def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: type) -> h5py.Dataset:
+    """A fixed-size, per-sequence dataset: chunked by rows, checksummed, allocated when created.
+
+    Allocated at creation (see NOTE [ Crash-safe appends ]), its chunks hold the
+    fill value and a valid checksum before any row is written. An empty one
+    is contiguous: HDF5 refuses a chunk larger than the dataset, and there is
+    nothing to checksum.
+    """
+    if shape[0] == 0:
+        return group.create_dataset(name, shape=shape, dtype=dtype)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    rows = min(shape[0], max(1, CHUNK_BYTES // row_bytes))
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:], fletcher32=True,
+                                fillvalue=0, dcpl=dcpl)
+
+
+def _raw_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a dataset chunked by whole rows, read without the checksum test."""
+    out = np.empty((max(0, stop - start),) + dataset.shape[1:], dtype=dataset.dtype)
+    if dataset.chunks is None:
+        if stop > start:
+            dataset.read_direct(out, np.s_[start:stop])
+        return out
+    c = dataset.chunks[0]
+    per_chunk = c * int(np.prod(dataset.shape[1:], dtype=np.int64))
+    for floor in range(start - start % c, stop, c):
+        _, raw = dataset.id.read_direct_chunk((floor,) + (0,) * (dataset.ndim - 1))
+        chunk = np.frombuffer(raw, dtype=dataset.dtype, count=per_chunk).reshape((c,) + dataset.shape[1:])
+        lo, hi = max(start, floor), min(stop, floor + c)
+        out[lo - start:hi - start] = chunk[lo - floor:hi - floor]
+    return out
+
+
+def _rewrite_chunks(dataset: h5py.Dataset, committed: int, pending: int) -> None:
+    """Write afresh each chunk holding a row of ``[committed, pending)``: its rows below ``committed``
+    (read raw) and fill after them. Written directly, unfiltered (a chunk filter mask): HDF5 would
+    read a possibly torn chunk to update part of it; the next write of the chunk checksums it again."""
+    if dataset.chunks is None or pending <= committed:
+        return
+    c = dataset.chunks[0]
+    for floor in range(committed - committed % c, min(pending, dataset.shape[0]), c):
+        chunk = np.zeros((c,) + dataset.shape[1:], dtype=dataset.dtype)
+        kept = _raw_rows(dataset, floor, min(committed, floor + c)) if committed > floor else chunk[:0]
+        chunk[: len(kept)] = kept
+        dataset.id.write_direct_chunk((floor,) + (0,) * (dataset.ndim - 1), chunk.tobytes(), _SKIP_FLETCHER32)
 
 
 def data_fingerprint(ids: Sequence[str], labels: np.ndarray, offsets: np.ndarray) -> str:
@@ -460,6 +720,11 @@ def data_fingerprint(ids: Sequence[str], labels: np.ndarray, offsets: np.ndarray
 class CacheReader:
     """Open a cache read-only and check it is one this version reads; context manager.
 
+    Opening checks the root attributes (present, typed); `split` checks a
+    split's attributes and shapes, and its offsets, labels and ids when they
+    are first read. Any failure, and any read of damaged data (a checksum, a
+    broken structure), is a CacheError naming the file, split and dataset.
+
     Parameters
     ----------
     path : str or Path
@@ -469,16 +734,20 @@ class CacheReader:
     Attributes
     ----------
     path : Path
-    schema, hidden_dim : int
+    schema, hidden_dim, num_classes : int
     dtype, backbone_fingerprint, spec, checkpoint_sha256, created_by : str
+    amp : str or None
+        ``"none"``, ``"bf16"`` or ``"fp16"``; None for a schema-1 file, which did not record it.
+    class_names : list of str
     load_report : dict
 
     Raises
     ------
     CacheError
-        The file does not exist or cannot be opened.
+        The file does not exist, cannot be opened, or another process is writing it.
     SchemaError
-        Not an HDF5 file, not a headcache cache, or another schema.
+        Not an HDF5 file, not a headcache cache, another schema, or root
+        attributes missing or of the wrong type.
     FingerprintMismatchError
         ``expected_fingerprint`` differs from the cache's.
     """
@@ -499,21 +768,40 @@ class CacheReader:
             raise
 
     def _read_root(self, expected_fingerprint: str | None) -> None:
-        root = self._file.attrs
+        try:
+            root = dict(self._file.attrs)
+        except _READ_ERRORS as exc:
+            raise SchemaError(f"{self.path}: the root attributes cannot be read ({exc}); the file is damaged: "
+                              "re-extract it (headcache extract ... --overwrite)") from None
         if root.get("format") != FORMAT:
             raise SchemaError(
                 f"{self.path} is an HDF5 file but not a headcache cache (no format='headcache' attribute)"
             )
-        self.schema = int(root.get("schema", -1))
-        if self.schema != SCHEMA:
+        schema = root.get("schema")
+        if not _is_int(schema) or int(schema) not in READ_SCHEMAS:
             raise SchemaError(
-                f"{self.path} has cache schema {self.schema}; headcache {__version__} reads schema "
-                f"{SCHEMA}. Re-extract the cache with this version (headcache extract ... --overwrite), or "
-                "use a headcache version that reads that schema"
+                f"{self.path} has cache schema {_plain(schema)!r}; headcache {__version__} reads schemas "
+                f"{', '.join(map(str, READ_SCHEMAS))}. Re-extract the cache with this version (headcache extract "
+                "... --overwrite), or use a headcache version that reads that schema"
             )
-        missing = [key for key in WRITER_ATTRS + ("created_by",) if key not in root]
+        self.schema = int(schema)
+        needed = WRITER_ATTRS + ("created_by",) + (("amp", "num_classes", "class_names") if self.schema >= 2 else ())
+        missing = [key for key in needed if key not in root]
         if missing:
-            raise SchemaError(f"{self.path}: cache lacks root attributes {missing}; re-extract it")
+            raise SchemaError(f"{self.path}: cache lacks root attributes {missing}; re-extract it "
+                              "(headcache extract ... --overwrite)")
+
+        def bad(key: str, expected: str) -> SchemaError:
+            return SchemaError(f"{self.path}: root attribute {key!r} is {_plain(root[key])!r}, not {expected}; the "
+                               "file is damaged: re-extract it (headcache extract ... --overwrite)")
+
+        for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "created_by", "load_report", "dtype"):
+            if not isinstance(_plain(root[key]), str):
+                raise bad(key, "a string")
+        if not _is_int(root["hidden_dim"]) or int(root["hidden_dim"]) < 1:
+            raise bad("hidden_dim", "a positive integer")
+        if _plain(root["dtype"]) not in DTYPES:
+            raise bad("dtype", f"one of {', '.join(DTYPES)}")
         self.hidden_dim = int(root["hidden_dim"])
         self.dtype = str(root["dtype"])
         self.backbone_fingerprint = str(root["backbone_fingerprint"])
@@ -524,6 +812,24 @@ class CacheReader:
             self.load_report = json.loads(root["load_report"])
         except ValueError:
             raise SchemaError(f"{self.path}: the load_report attribute is not JSON; re-extract the cache") from None
+        if not isinstance(self.load_report, dict):
+            raise bad("load_report", "a JSON object")
+        self.amp: str | None = None
+        if self.schema >= 2:
+            if _plain(root["amp"]) not in AMPS:
+                raise bad("amp", f"one of {', '.join(AMPS)}")
+            self.amp = str(root["amp"])
+            if not _is_int(root["num_classes"]) or int(root["num_classes"]) < MIN_CLASSES:
+                raise bad("num_classes", f"an integer >= {MIN_CLASSES}")
+            self.num_classes = int(root["num_classes"])
+            try:
+                names = json.loads(root["class_names"])
+            except (TypeError, ValueError):
+                names = None
+            if not (isinstance(names, list) and len(names) == self.num_classes
+                    and all(isinstance(c, str) for c in names)):
+                raise bad("class_names", f"a JSON list of {self.num_classes} strings")
+            self.class_names = names
         if expected_fingerprint is not None and expected_fingerprint != self.backbone_fingerprint:
             raise FingerprintMismatchError(
                 f"{self.path} was written by backbone {self.backbone_fingerprint[:12]}, but this backbone is "
@@ -532,13 +838,32 @@ class CacheReader:
                 "cache with this one (headcache extract ... --overwrite)"
             )
 
+    @cached_property
+    def num_classes(self) -> int:
+        """Classes of the cache's task (schema 1 did not record them: the labels of its complete splits say)."""
+        tops = [int(split.labels.max()) + 1 for split in self._complete_splits() if len(split.labels)]
+        return max([MIN_CLASSES] + tops)
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """Names of the classes (schema 1: the class indices)."""
+        return default_class_names(self.num_classes)
+
+    def _complete_splits(self) -> list["SplitReader"]:
+        splits = [self.split(name, require_complete=False) for name in self.splits]
+        return [split for split in splits if split.complete]
+
     @property
     def splits(self) -> list[str]:
         """Names of the splits in the file, in the order they were created (files track it; see `_open`)."""
-        return [name for name, obj in self._file.items() if isinstance(obj, h5py.Group)]
+        try:
+            return [name for name, obj in self._file.items() if isinstance(obj, h5py.Group)]
+        except _READ_ERRORS as exc:
+            raise CacheError(f"{self.path}: the list of splits cannot be read ({exc}); the file is damaged: "
+                             "re-extract it (headcache extract ... --overwrite)") from None
 
     def split(self, name: str, *, require_complete: bool = True) -> "SplitReader":
-        """Open one split.
+        """Open one split (its attributes and shapes are checked; nothing else is read).
 
         Parameters
         ----------
@@ -553,18 +878,19 @@ class CacheReader:
             No such split (the message lists the available ones).
         SplitIncompleteError
             The split is incomplete and ``require_complete`` is True.
+        CacheError
+            The split's attributes or shapes are damaged.
         """
         if name not in self.splits:
             available = ", ".join(self.splits) or "none"
             raise SplitMissingError(f"{self.path} has no split {name!r}; available splits: {available}")
-        group = self._file[name]
-        if require_complete and not bool(group.attrs["complete"]):
+        split = SplitReader(self, name)
+        if require_complete and not split.complete:
             raise SplitIncompleteError(
-                f"split {name!r} of {self.path} is incomplete ({int(group.attrs['rows_written'])}/"
-                f"{int(group.attrs['n'])} sequences written): its extraction was interrupted. "
-                "Rerun the same headcache extract command to resume it"
+                f"split {name!r} of {self.path} is incomplete ({split.rows_written}/{split.n} sequences written): "
+                "its extraction was interrupted. Rerun the same headcache extract command to resume it"
             )
-        return SplitReader(group, name)
+        return split
 
     def summary(self) -> dict:
         """File attributes and per-split statistics, JSON-able (``headcache inspect --json``)."""
@@ -574,6 +900,9 @@ class CacheReader:
             "schema": self.schema,
             "hidden_dim": self.hidden_dim,
             "dtype": self.dtype,
+            "amp": self.amp,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
             "backbone_fingerprint": self.backbone_fingerprint,
             "spec": self.spec,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -585,13 +914,13 @@ class CacheReader:
             split = self.split(name, require_complete=False)
             lengths = np.diff(split.offsets)
             classes, counts = np.unique(split.labels, return_counts=True)
-            fingerprint = str(split._group.attrs["data_fingerprint"])
             out["splits"][name] = {
                 "n": split.n,
                 "complete": split.complete,
+                "labeled": split.labeled,
                 "rows_written": split.rows_written,
                 "tokens": split.num_tokens,
-                "data_fingerprint": fingerprint or None,
+                "data_fingerprint": split.data_fingerprint,
                 "pooled": split.pooled_names,
                 "class_counts": {str(c): int(k) for c, k in zip(classes.tolist(), counts)},
                 "lengths": {
@@ -616,6 +945,11 @@ class CacheReader:
 class SplitReader:
     """One split of an open `CacheReader`; valid while the reader is open.
 
+    Opening it reads its attributes and dataset shapes only (and checks them).
+    Offsets, labels and ids are read, checked and kept when first asked (as
+    h5py's Dataset caches what cannot change); ``complete`` and ``rows_written``
+    are read fresh every time.
+
     Attributes
     ----------
     name : str
@@ -623,34 +957,164 @@ class SplitReader:
         Sequences the split holds when complete.
     offsets : ndarray (N+1,) int64
     labels : ndarray (N,) int64
+        -1 marks an unlabelled sequence.
     ids : list of str
     num_tokens : int
     pooled_names : list of str
+    labeled : bool
+        Every sequence has a label.
+    data_fingerprint : str or None
+        Set when the split is complete.
 
     For an incomplete split (opened with ``require_complete=False``), N is
     ``rows_written`` at opening: only committed sequences are shown.
     """
 
-    def __init__(self, group: h5py.Group, name: str):
-        self._group = group
+    def __init__(self, reader: CacheReader, name: str):
+        self._reader = reader
         self.name = name
-        self.n = int(group.attrs["n"])
-        rows = int(group.attrs["rows_written"])
-        self.offsets = group["offsets"][: rows + 1].astype(np.int64)
-        self.labels = group["labels"][:rows].astype(np.int64)
-        self.ids = list(group["ids"].asstr()[:rows])
-        self.num_tokens = int(self.offsets[-1])
-        self.pooled_names = sorted(group["pooled"])
+        self._path = reader.path
+        group = self._group = self._guard("the split's attributes", lambda: reader._file[name])
+        attrs = self._guard("the split's attributes", lambda: dict(group.attrs))
+        for key in ("n", "complete", "rows_written"):
+            if key not in attrs:
+                raise self._damaged(f"the split lacks its {key!r} attribute")
+        if not _is_int(attrs["n"]) or int(attrs["n"]) < 0:
+            raise self._damaged(f"its 'n' attribute is {_plain(attrs['n'])!r}, not a non-negative integer")
+        self.n = int(attrs["n"])
+        rows = attrs["rows_written"]
+        if not _is_int(rows) or not 0 <= int(rows) <= self.n:
+            raise self._damaged(f"its 'rows_written' attribute is {_plain(rows)!r}, not an integer in [0, {self.n}]")
+        self._rows = int(rows)
+        if not isinstance(_plain(attrs["complete"]), (bool, int)):
+            raise self._damaged(f"its 'complete' attribute is {_plain(attrs['complete'])!r}, not a boolean")
+        if bool(attrs["complete"]) and self._rows != self.n:
+            raise self._damaged(f"it is marked complete with {self._rows} of {self.n} sequences written")
+        self._attrs = attrs
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        d, n = self._reader.hidden_dim, self.n
+
+        def shape_of(name: str, dtype: str | None = None) -> tuple:
+            found = self._guard(name, lambda: self._group.get(name))
+            if not isinstance(found, h5py.Dataset):
+                raise self._damaged(f"it has no {name!r} dataset")
+            # Exact dtypes, byte order included: a damaged type header would otherwise decode to other values.
+            have = self._guard(name, lambda: found.dtype)
+            if dtype is not None and have != np.dtype(dtype):
+                raise self._damaged(f"its {name} are stored as {have.str}, not {np.dtype(dtype).str}", name)
+            if dtype is None and h5py.check_string_dtype(have) is None:
+                raise self._damaged(f"its {name} are stored as {have}, not strings", name)
+            return self._guard(name, lambda: found.shape)
+
+        tokens = shape_of("tokens", "<f2" if self._reader.dtype == "float16" else "<f4")
+        if len(tokens) != 2 or tokens[1] != d:
+            raise self._damaged(f"its tokens are {tokens}, not (rows, {d}) for hidden_dim {d}")
+        for name, want in (("offsets", (n + 1,)), ("labels", (n,))):
+            if shape_of(name, "<i8") != want:
+                raise self._damaged(f"its {name} are {shape_of(name, '<i8')}, not {want} for n={n}")
+        ids = shape_of("ids")
+        if len(ids) != 1 or ids[0] < self._rows:
+            raise self._damaged(f"its ids are {ids}, fewer than the {self._rows} sequences written")
+        pooled = self._guard("pooled", lambda: self._group.get("pooled"))
+        if not isinstance(pooled, h5py.Group):
+            raise self._damaged("it has no 'pooled' group")
+        for pooled_name in self.pooled_names:
+            have = shape_of(f"pooled/{pooled_name}", "<f4")
+            if have != (n, d):
+                raise self._damaged(f"its pooled {pooled_name!r} is {have}, not {(n, d)}")
+
+    def _damaged(self, what: str, dataset: str | None = None) -> CacheError:
+        where = f"split {self.name!r}" + (f", dataset {dataset!r}" if dataset else "")
+        return CacheError(f"{self._path}: {where}: {what}; the file is damaged: re-extract that split "
+                          f"(headcache extract ... --splits {self.name} into a new --out, or the whole cache with "
+                          "--overwrite)")
+
+    def _guard(self, dataset: str, read: Callable[[], Any]) -> Any:
+        """Run one read; a damaged file's error (checksum, structure) becomes a CacheError naming the dataset."""
+        try:
+            return read()
+        except _READ_ERRORS as exc:
+            raise self._damaged(f"reading it failed ({exc})", dataset) from None
 
     @property
     def rows_written(self) -> int:
         """Sequences written (read from the file)."""
-        return int(self._group.attrs["rows_written"])
+        return int(self._guard("the split's attributes", lambda: self._group.attrs["rows_written"]))
 
     @property
     def complete(self) -> bool:
         """Whether the split's extraction finished (read from the file)."""
-        return bool(self._group.attrs["complete"])
+        return bool(self._guard("the split's attributes", lambda: self._group.attrs["complete"]))
+
+    @cached_property
+    def labeled(self) -> bool:
+        if "labeled" in self._attrs:
+            return bool(self._attrs["labeled"])
+        return bool((self.labels >= 0).all())
+
+    @cached_property
+    def data_fingerprint(self) -> str | None:
+        return str(self._attrs.get("data_fingerprint", "")) or None
+
+    @cached_property
+    def pooled_names(self) -> list[str]:
+        return self._guard("pooled", lambda: sorted(self._group["pooled"]))
+
+    @cached_property
+    def num_tokens(self) -> int:
+        """Token rows of the committed sequences (one offset read; all offsets are checked when read)."""
+        if "offsets" in self.__dict__:
+            return int(self.offsets[-1])
+        end = int(self._guard("offsets", lambda: self._group["offsets"][self._rows]))
+        rows = self._guard("tokens", lambda: self._group["tokens"].shape[0])
+        if not 0 <= end <= rows:
+            raise self._damaged(f"offsets end at token row {end}, outside the {rows} token rows", "offsets")
+        return end
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        offsets = self._guard("offsets", lambda: self._group["offsets"][: self._rows + 1].astype(np.int64))
+        rows = self._guard("tokens", lambda: self._group["tokens"].shape[0])
+        if offsets[0] != 0:
+            raise self._damaged(f"offsets start at {offsets[0]}, not 0", "offsets")
+        steps = np.diff(offsets)
+        if (steps < 0).any():
+            i = int(np.argmax(steps < 0))
+            raise self._damaged(f"offsets decrease at sequence {i} ({offsets[i]} then {offsets[i + 1]})", "offsets")
+        if offsets[-1] > rows:
+            raise self._damaged(f"offsets end at token row {offsets[-1]}, past the {rows} token rows", "offsets")
+        return offsets
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        labels = self._guard("labels", lambda: self._group["labels"][: self._rows].astype(np.int64))
+        # Schema 1 has no unlabelled sequences and derives its classes from the labels; an unfinished
+        # split's labels may still raise num_classes when it finishes (when no spec gave them).
+        lowest = -1 if self._reader.schema >= 2 else 0
+        top = self._reader.num_classes if self._reader.schema >= 2 and bool(self._attrs["complete"]) else None
+        bad = (labels < lowest) | (labels >= top) if top is not None else labels < lowest
+        if bad.any():
+            i = int(np.argmax(bad))
+            allowed = f"[{lowest}, {top})" if top is not None else f"{lowest} or more"
+            raise self._damaged(f"sequence {i} has label {labels[i]}, outside {allowed}", "labels")
+        return labels
+
+    @cached_property
+    def ids(self) -> list[str]:
+        ids = self._guard("ids", lambda: [str(i) for i in self._group["ids"].asstr()[: self._rows]])
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            twice = next(i for i in ids if i in seen or seen.add(i))
+            raise self._damaged(f"id {twice!r} appears more than once", "ids")
+        # HDF5 cannot checksum variable-length strings: the data fingerprint recorded when the split
+        # was finished stands in (an sha256 over ids, labels and offsets, small next to the tokens).
+        if bool(self._attrs["complete"]) and self.data_fingerprint is not None:
+            if data_fingerprint(ids, self.labels, self.offsets) != self.data_fingerprint:
+                raise self._damaged("its ids, labels or offsets differ from the data fingerprint recorded when it "
+                                    "was finished", "ids")
+        return ids
 
     def pooled(self, name: str) -> np.ndarray:
         """The pooled matrix ``name``, (N, D) float32.
@@ -658,12 +1122,12 @@ class SplitReader:
         Raises
         ------
         CacheError
-            No pooled matrix of that name (the message lists the available ones).
+            No pooled matrix of that name (the message lists the available ones), or it is damaged.
         """
         if name not in self.pooled_names:
             available = ", ".join(self.pooled_names) or "none"
             raise CacheError(f"split {self.name!r} has no pooled {name!r}; available: {available}")
-        return self._group["pooled"][name][: len(self.labels)].astype(np.float32)
+        return self._guard(f"pooled/{name}", lambda: self._group["pooled"][name][: self._rows].astype(np.float32))
 
     def tokens(self, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of the flat token matrix, (stop - start, D), in the cache dtype.
@@ -677,10 +1141,11 @@ class SplitReader:
             raise CacheError(
                 f"split {self.name!r}: token rows [{start}, {stop}) are outside [0, {self.num_tokens})"
             )
+        dataset = self._group["tokens"]
         if out is None:
-            return self._group["tokens"][start:stop]
+            return self._guard("tokens", lambda: dataset[start:stop])
         if stop > start:  # HDF5 refuses an empty selection
-            self._group["tokens"].read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
+            self._guard("tokens", lambda: dataset.read_direct(out, np.s_[start:stop], np.s_[0:stop - start]))
         return out[: stop - start]
 
     def sequence(self, i: int) -> np.ndarray:
@@ -689,14 +1154,57 @@ class SplitReader:
         return self.tokens(int(starts[0]), int(stops[0]))
 
 
+def verify(path: str | Path) -> dict[str, list[str]]:
+    """Read every dataset of every split and check it (``headcache inspect --verify``).
+
+    Checks what opening checks, plus every checksum (tokens chunk by chunk,
+    so memory stays small), the validation of offsets, labels and ids, and a
+    complete split's data fingerprint (which covers the ids, which HDF5 cannot
+    checksum; `SplitReader.ids` checks it).
+
+    Returns
+    -------
+    dict of str to list of str
+        Per split, the problems found (an empty list: the split is intact).
+
+    Raises
+    ------
+    CacheError
+        The file cannot be opened as a cache at all (its root is damaged).
+    """
+    problems: dict[str, list[str]] = {}
+    with CacheReader(path) as reader:
+        for name in reader.splits:
+            problems[name] = found = []
+            try:
+                split = reader.split(name, require_complete=False)
+                split.ids  # reads and checks offsets and labels too (and the data fingerprint)
+                for pooled_name in split.pooled_names:
+                    split.pooled(pooled_name)
+                tokens = split._group["tokens"]
+                step = tokens.chunks[0] if tokens.chunks else max(1, CHUNK_BYTES // max(1, tokens.dtype.itemsize))
+                for start in range(0, split.num_tokens, step):
+                    split.tokens(start, min(split.num_tokens, start + step))
+            except CacheError as exc:
+                found.append(str(exc))
+    return problems
+
+
 def _open(path: Path, mode: str) -> h5py.File:
-    """h5py.File with OSError (locked by another process, permissions, ...) as a named error.
+    """h5py.File with OSError (locked by another process, damaged, permissions, ...) as a named error.
 
     New files track creation order, so splits list in the order they were written (train, valid, test).
     """
     try:
         return h5py.File(path, mode, track_order=True) if mode == "w" else h5py.File(path, mode)
     except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES) and "lock" in str(exc):
+            doing = "reading or writing it" if mode != "r" else "writing it"
+            raise CacheError(f"another process has {path} open ({doing}); wait for it to finish, or write to "
+                             "another file (--out)") from None
+        if mode == "r" and h5py.is_hdf5(path):
+            raise CacheError(f"cannot open {path}: {exc}. The file is damaged or truncated: re-extract it "
+                             "(headcache extract ... --overwrite)") from None
         # HDF5 reports a file shorter than its own recorded end only in its message text.
         fix = "; the file is cut short (a copy or a disk that stopped part-way): re-extract it with headcache " \
               "extract ... --overwrite" if "truncated file" in str(exc) else ""
@@ -731,34 +1239,55 @@ def _mib(count: int) -> str:
     return f"{count / (1 << 20):.1f} MiB"
 
 
-def _early_allocation() -> h5py.h5p.PropDCID:
-    """Creation properties that allocate a contiguous dataset's space when it is created.
+def _refuse_if_written_elsewhere(path: Path) -> None:
+    """Raise if another process is writing ``path`` (HDF5's lock: writers hold it exclusively)."""
+    if h5py.is_hdf5(path):
+        with _open(path, "r"):
+            pass
 
-    HDF5 allocates it at the first write by default; a writer killed while
-    flushing that write can leave the dataset pointing past the end of the
-    file as recorded, and the file then refuses to open it. Allocated at
-    creation, the space is in the file before any data is written.
-    """
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return dcpl
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute as a Python value (numpy scalars unwrapped)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _check_writer_attrs(attrs: Mapping) -> dict:
     missing = [key for key in WRITER_ATTRS if key not in attrs]
     if missing:
         raise ConfigError(f"cache attrs lack {missing}; a cache needs {list(WRITER_ATTRS)}")
-    attrs = dict(attrs)
+    unknown = sorted(set(attrs) - set(WRITER_ATTRS) - set(OPTIONAL_ATTRS))
+    if unknown:
+        raise ConfigError(f"cache attrs {unknown} are unknown; a cache takes {list(WRITER_ATTRS + OPTIONAL_ATTRS)}")
+    attrs = {key: None for key in OPTIONAL_ATTRS} | dict(attrs)
     if attrs["dtype"] not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {attrs['dtype']!r}")
     dim = attrs["hidden_dim"]
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+    if not _is_int(dim) or dim < 1:
         raise ConfigError(f"hidden_dim must be a positive integer, got {dim!r}")
     attrs["hidden_dim"] = int(dim)
+    attrs["amp"] = "none" if attrs["amp"] is None else attrs["amp"]
+    if attrs["amp"] not in AMPS:
+        raise ConfigError(f"amp must be one of {', '.join(AMPS[1:])} (or None), got {attrs['amp']!r}")
+    num_classes, names = attrs["num_classes"], attrs["class_names"]
+    if names is not None:
+        names = [str(c) for c in names]
+        num_classes = len(names) if num_classes is None else num_classes
+        if len(names) != num_classes:
+            raise ConfigError(f"the spec's class_names {names} are {len(names)}, but its num_classes is {num_classes}")
+        attrs["class_names"] = names
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < MIN_CLASSES):
+        raise ConfigError(f"the spec's num_classes must be an integer >= {MIN_CLASSES}, got {num_classes!r}")
+    if num_classes is not None and names is None:
+        attrs["class_names"] = default_class_names(int(num_classes))
+    attrs["num_classes"] = None if num_classes is None else int(num_classes)
     return attrs
 
 
-def _check_resumable(path: Path, attrs: dict) -> None:
+def _check_resumable(path: Path, attrs: dict, splits: Sequence[str] | None) -> None:
     """Decide, reading only, whether an existing file can be resumed; raise if not."""
 
     def refuse(why: str) -> OutputExistsError:
@@ -769,23 +1298,30 @@ def _check_resumable(path: Path, attrs: dict) -> None:
     if not h5py.is_hdf5(path):
         raise refuse("is not a headcache cache (not an HDF5 file)")
     with _open(path, "r") as f:
-        root = f.attrs
+        try:
+            root = dict(f.attrs)
+            have_splits = {name: bool(g.attrs.get("complete", False)) for name, g in f.items()
+                           if isinstance(g, h5py.Group)}
+        except _READ_ERRORS as exc:
+            raise refuse(f"cannot be read as a cache ({exc})") from None
         if root.get("format") != FORMAT:
             raise refuse("is not a headcache cache (an HDF5 file without format='headcache')")
-        if int(root.get("schema", -1)) != SCHEMA:
-            raise refuse(f"has cache schema {root.get('schema')}, but this version writes schema {SCHEMA}")
+        if _plain(root.get("schema")) != SCHEMA:
+            raise refuse(f"has cache schema {_plain(root.get('schema'))}, but this version writes schema {SCHEMA}")
         differ = []
         for key in IDENTITY_ATTRS:
-            have = root.get(key)
-            have = have.item() if isinstance(have, np.generic) else have
+            have = _plain(root.get(key))
             if have != attrs[key]:
                 differ.append(f"{key} {_show(key, have)} in the file, {_show(key, attrs[key])} now")
+        given = attrs["num_classes"]
+        if given is not None and _plain(root.get("num_classes")) != given:
+            differ.append(f"num_classes {_plain(root.get('num_classes'))!r} in the file, {given!r} now")
         if differ:
             raise refuse("was written with another setting (" + "; ".join(differ) + ")")
-        splits = {name: bool(g.attrs.get("complete", False)) for name, g in f.items() if isinstance(g, h5py.Group)}
-        if splits and all(splits.values()):
+        wanted = list(splits) if splits is not None else list(have_splits)
+        if wanted and all(have_splits.get(name, False) for name in wanted):
             raise OutputExistsError(
-                f"{path} is already complete (splits {', '.join(sorted(splits))}); "
+                f"{path} is already complete (splits {', '.join(sorted(wanted))}); "
                 "pass --overwrite to extract again"
             )
 

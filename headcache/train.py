@@ -316,7 +316,10 @@ def tasks_for_splits(configs: Sequence[TrainConfig], source: Any,
 
 
 def num_classes_of(source: Any, splits: Sequence[str | None]) -> int:
-    """C from the largest label of ``splits`` (at least 2; an empty split adds nothing)."""
+    """C: the cache's recorded num_classes (schema 2), else from the largest label of ``splits`` (at least 2;
+    an empty split adds nothing), so a stray label cannot silently widen the head."""
+    if getattr(source, "num_classes", None):
+        return int(source.num_classes)
     top = max((int(labels.max()) for s in splits if s and len(labels := source.labels(s))), default=0)
     return max(2, top + 1)
 

@@ -25,7 +25,15 @@ from headcache.errors import (
     SplitIncompleteError,
     SplitMissingError,
 )
-from headcache.store import SCHEMA, CacheReader, CacheWriter, data_fingerprint, sequence_bounds
+from headcache.store import (
+    MAX_INFERRED_CLASSES,
+    SCHEMA,
+    CacheReader,
+    CacheWriter,
+    data_fingerprint,
+    sequence_bounds,
+    verify,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("data") / "schema1_tiny.h5"
@@ -142,8 +150,9 @@ class TestCreate:
             assert writer.resuming is False
         with h5py.File(path, "r") as f:
             assert dict(f.attrs) == {
-                "format": "headcache", "schema": 1, "backbone_fingerprint": "ab" * 32, "spec": "demo",
-                "checkpoint_sha256": "cd" * 32, "hidden_dim": D, "dtype": "float32", "created_by": "headcache 0.1.0",
+                "format": "headcache", "schema": 2, "backbone_fingerprint": "ab" * 32, "spec": "demo",
+                "checkpoint_sha256": "cd" * 32, "hidden_dim": D, "dtype": "float32", "amp": "none", "num_classes": 2,
+                "class_names": '["0", "1"]', "created_by": "headcache 0.1.0",
                 "load_report": '{"key_map": {}, "loaded": 7}',
             }
 
@@ -153,15 +162,17 @@ class TestCreate:
             writer.split("train", 5, ["mean", "last"])
         with h5py.File(path, "r") as f:
             g = f["train"]
-            assert dict(g.attrs) == {"n": 5, "complete": False, "data_fingerprint": "", "rows_written": 0}
+            assert dict(g.attrs) == {"n": 5, "complete": False, "labeled": True, "data_fingerprint": "",
+                                     "rows_pending": 0, "rows_written": 0}
             tokens = g["tokens"]
             assert (tokens.dtype, tokens.shape, tokens.maxshape) == (np.float16, (0, D), (None, D))
             assert tokens.chunks == ((1 << 20) // (D * 2), D) and tokens.fletcher32
-            assert (g["offsets"].dtype, g["offsets"].shape) == (np.int64, (6,))
-            assert (g["labels"].dtype, g["labels"].shape) == (np.int64, (5,))
+            assert (g["offsets"].dtype, g["offsets"].shape, g["offsets"].fletcher32) == (np.int64, (6,), True)
+            assert (g["labels"].dtype, g["labels"].shape, g["labels"].fletcher32) == (np.int64, (5,), True)
             assert h5py.check_string_dtype(g["ids"].dtype).encoding == "utf-8"
             assert sorted(g["pooled"]) == ["last", "mean"]
             assert (g["pooled/mean"].dtype, g["pooled/mean"].shape) == (np.float32, (5, D))
+            assert g["pooled/mean"].fletcher32 and g["pooled/mean"].chunks == (5, D)
 
     def test_finish_marks_complete_with_the_data_fingerprint(self, tmp_path):
         path = tmp_path / "c.h5"
@@ -287,8 +298,9 @@ class TestRoundTrip:
         seqs = [data.draw(st.lists(finite, min_size=n * d, max_size=n * d)) for n in lengths]
         seqs = [np.array(s, dtype=np.float32).reshape(n, d) for s, n in zip(seqs, lengths)]
         ids = data.draw(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")),
-                                 min_size=len(seqs), max_size=len(seqs)))
-        labels = np.array(data.draw(st.lists(st.integers(-(2**62), 2**62), min_size=len(seqs), max_size=len(seqs))))
+                                 min_size=len(seqs), max_size=len(seqs), unique=True))
+        labels = np.array(data.draw(st.lists(st.integers(-1, MAX_INFERRED_CLASSES - 1), min_size=len(seqs),
+                                             max_size=len(seqs))))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "c.h5"
             with CacheWriter(path, make_attrs(hidden_dim=d)) as writer:
@@ -344,7 +356,7 @@ class TestRoundTrip:
         with CacheReader(path) as reader:
             got = (reader.schema, reader.hidden_dim, reader.dtype, reader.backbone_fingerprint, reader.spec,
                    reader.checkpoint_sha256, reader.created_by, reader.load_report, reader.splits)
-        assert got == (1, D, "float32", "ab" * 32, "demo", "cd" * 32, "headcache 0.1.0",
+        assert got == (2, D, "float32", "ab" * 32, "demo", "cd" * 32, "headcache 0.1.0",
                        {"loaded": 7, "key_map": {}}, ["train", "val"])
         assert type(got[1]) is int and type(got[0]) is int
 
@@ -493,11 +505,11 @@ class TestReaderRefusals:
         path = tmp_path / "c.h5"
         one_go(path, ragged([1]), ragged([1]))
         with h5py.File(path, "r+") as f:
-            f.attrs["schema"] = 2
+            f.attrs["schema"] = 3
         with pytest.raises(SchemaError) as info:
             CacheReader(path)
         message = str(info.value)
-        assert "has cache schema 2" in message and f"reads schema {SCHEMA}" in message
+        assert "has cache schema 3" in message and f"reads schemas 1, {SCHEMA}" in message
         assert "Re-extract the cache with this version (headcache extract ... --overwrite)" in message
 
     def test_schema_error_is_a_value_error(self, tmp_path):
@@ -593,7 +605,7 @@ class TestWriterRefusals:
 
     @pytest.mark.parametrize("change, shown", [
         ({"backbone_fingerprint": "ef" * 32}, "backbone_fingerprint 'abababababab' in the file, 'efefefefefef' now"),
-        ({"spec": "seqsetvae"}, "spec 'demo' in the file, 'seqsetvae' now"),
+        ({"amp": "bf16"}, "amp 'none' in the file, 'bf16' now"),
         ({"hidden_dim": 8}, "hidden_dim 4 in the file, 8 now"),
         ({"dtype": "float16"}, "dtype 'float32' in the file, 'float16' now"),
     ])
@@ -648,14 +660,14 @@ class TestSummary:
             summary = reader.summary()
         fingerprint = data_fingerprint(["id-0", "id-1", "id-2"], np.array([0, 1, 2]), np.array([0, 2, 2, 6]))
         assert summary == {
-            "path": str(path), "format": "headcache", "schema": 1, "hidden_dim": D, "dtype": "float32",
-            "backbone_fingerprint": "ab" * 32, "spec": "demo", "checkpoint_sha256": "cd" * 32,
+            "path": str(path), "format": "headcache", "schema": 2, "hidden_dim": D, "dtype": "float32",
+            "amp": "none", "num_classes": 3, "class_names": ["0", "1", "2"], "backbone_fingerprint": "ab" * 32, "spec": "demo", "checkpoint_sha256": "cd" * 32,
             "created_by": "headcache 0.1.0", "load_report": {"loaded": 7, "key_map": {}},
             "splits": {
-                "train": {"n": 3, "complete": True, "rows_written": 3, "tokens": 6, "data_fingerprint": fingerprint,
+                "train": {"n": 3, "complete": True, "labeled": True, "rows_written": 3, "tokens": 6, "data_fingerprint": fingerprint,
                           "pooled": ["last", "mean"], "class_counts": {"0": 1, "1": 1, "2": 1},
                           "lengths": {"min": 0, "mean": 2.0, "max": 4}},
-                "val": {"n": 4, "complete": False, "rows_written": 2, "tokens": 3, "data_fingerprint": None,
+                "val": {"n": 4, "complete": False, "labeled": True, "rows_written": 2, "tokens": 3, "data_fingerprint": None,
                         "pooled": ["last", "mean"], "class_counts": {"0": 1, "1": 1},
                         "lengths": {"min": 1, "mean": 1.5, "max": 2}},
             },
@@ -710,3 +722,390 @@ class TestSchema1File:
         assert summary["splits"]["train"]["data_fingerprint"] == data_fingerprint(
             ["p-1", "p-2", "pé-3"], np.array([0, 1, 1]), np.array([0, 2, 2, 3]))
         assert summary["splits"]["val"]["data_fingerprint"] is None
+
+
+def flip_chunk_byte(path: Path, dataset: str, chunk: int = 0) -> None:
+    """Flip one byte in the middle of a dataset's stored chunk, as a bad disk would."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+        where = info.byte_offset + info.size // 2
+    with open(path, "r+b") as handle:
+        handle.seek(where)
+        byte = handle.read(1)
+        handle.seek(where)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+HOLD = "import sys, time, h5py\nf = h5py.File(sys.argv[1], sys.argv[2])\nprint('open', flush=True)\ntime.sleep(60)\n"
+
+
+class _Holder:
+    """Another process holding a file open, for reading ('r') or writing ('r+')."""
+
+    def __init__(self, path: Path, mode: str):
+        self.process = subprocess.Popen([sys.executable, "-c", HOLD, str(path), mode], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "open"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+class TestAtomicReplacement:
+    @pytest.fixture
+    def complete(self, tmp_path) -> Path:
+        path = tmp_path / "c.h5"
+        one_go(path, ragged([1, 2]), ragged([1]))
+        return path
+
+    def test_a_failed_overwrite_leaves_the_old_file_byte_identical_and_no_temporary(self, complete):
+        before = stat(complete)
+        with pytest.raises(DataError):
+            with CacheWriter(complete, make_attrs(spec="other"), overwrite=True) as writer:
+                split = writer.split("train", 2, ["mean", "last"])
+                split.write(**{**rows_of(ragged([1, 1])), "ids": ["same", "same"]})
+        assert stat(complete) == before
+        assert sorted(p.name for p in complete.parent.iterdir()) == ["c.h5"]
+
+    def test_a_process_reading_the_old_file_keeps_reading_it(self, complete):
+        with CacheReader(complete) as old:
+            train = old.split("train")
+            with CacheWriter(complete, make_attrs(spec="other"), overwrite=True) as writer:
+                write_split(writer, "train", ragged([5], seed=1), [1])
+            assert train.ids == ["id-0", "id-1"] and np.array_equal(train.tokens(), np.concatenate(ragged([1, 2])))
+        with CacheReader(complete) as new:
+            assert (new.spec, new.split("train").n, new.splits) == ("other", 1, ["train"])
+
+    def test_overwrite_while_another_process_reads_replaces_the_file(self, complete):
+        with _Holder(complete, "r"):
+            with CacheWriter(complete, make_attrs(spec="other"), overwrite=True):
+                pass
+        with CacheReader(complete) as reader:
+            assert reader.spec == "other"
+
+    def test_overwrite_while_another_process_writes_is_refused_and_the_file_kept(self, complete):
+        with _Holder(complete, "r+"):
+            before = stat(complete)
+            with pytest.raises(CacheError) as info:
+                CacheWriter(complete, make_attrs(), overwrite=True)
+            assert stat(complete) == before
+        assert str(info.value).startswith(f"another process has {complete} open (writing it); wait for it to finish")
+        assert sorted(p.name for p in complete.parent.iterdir()) == ["c.h5"]
+
+    def test_resuming_while_another_process_reads_says_so(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            write_split(writer, "train", ragged([1, 2]), [1], finish=False)
+        with _Holder(path, "r"):
+            with pytest.raises(CacheError, match=r"another process has .*c\.h5 open \(reading or writing it\)"):
+                CacheWriter(path, make_attrs())
+
+    def test_the_replacement_keeps_the_file_permissions(self, complete):
+        complete.chmod(0o640)
+        CacheWriter(complete, make_attrs(), overwrite=True).close()
+        assert complete.stat().st_mode & 0o777 == 0o640
+
+
+class TestChecksums:
+    @pytest.fixture
+    def cache(self, tmp_path) -> Path:
+        path = tmp_path / "c.h5"
+        one_go(path, ragged([2, 3, 1]), ragged([2, 2]))
+        return path
+
+    @pytest.mark.parametrize("dataset, read", [
+        ("train/pooled/mean", lambda split: split.pooled("mean")),
+        ("train/labels", lambda split: split.labels),
+        ("train/offsets", lambda split: split.offsets),
+        ("train/tokens", lambda split: split.tokens()),
+    ])
+    def test_a_flipped_byte_is_an_error_naming_file_split_dataset_and_fix(self, cache, dataset, read):
+        flip_chunk_byte(cache, dataset)
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError) as info:
+                read(reader.split("train"))
+        message = str(info.value)
+        name = dataset.split("/", 1)[1]
+        assert message.startswith(f"{cache}: split 'train', dataset '{name}': reading it failed")
+        assert "the file is damaged: re-extract that split" in message
+
+    def test_every_dataset_but_ids_is_checksummed(self, cache):
+        with h5py.File(cache, "r") as f:
+            flags = {name: f["train"][name].fletcher32 for name in ("tokens", "offsets", "labels", "pooled/mean",
+                                                                    "pooled/last", "ids")}
+        assert flags == {"tokens": True, "offsets": True, "labels": True, "pooled/mean": True, "pooled/last": True,
+                         "ids": False}
+
+    def test_a_damaged_id_is_caught_by_the_data_fingerprint(self, cache):
+        with h5py.File(cache, "r+") as f:
+            f["train/ids"][1] = "id-9"  # a silent change that no checksum covers
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match="dataset 'ids': its ids, labels or offsets differ from the data "
+                                                 "fingerprint"):
+                reader.split("train").ids
+
+    def test_verify_names_the_damaged_split_only(self, cache):
+        flip_chunk_byte(cache, "val/pooled/last")
+        problems = verify(cache)
+        assert problems["train"] == [] and len(problems["val"]) == 1
+        assert "split 'val', dataset 'pooled/last'" in problems["val"][0]
+
+    def test_verify_reads_tokens_chunk_by_chunk(self, tmp_path, monkeypatch):
+        import headcache.store as store
+
+        monkeypatch.setattr(store, "CHUNK_BYTES", 2 * D * 4)  # 2 token rows a chunk
+        path = tmp_path / "c.h5"
+        one_go(path, ragged([3, 3]), ragged([1]))
+        flip_chunk_byte(path, "train/tokens", chunk=2)
+        assert "dataset 'tokens'" in verify(path)["train"][0]
+
+    def test_inspect_verify_exits_1_and_names_the_split(self, cache):
+        from typer.testing import CliRunner
+
+        from headcache.cli import app
+
+        runner = CliRunner(env={"COLUMNS": "200"})
+        intact = runner.invoke(app, ["inspect", str(cache), "--verify"])
+        assert intact.exit_code == 0 and intact.output.split() == ["train:", "ok", "val:", "ok"]
+        flip_chunk_byte(cache, "train/labels")
+        damaged = runner.invoke(app, ["inspect", str(cache), "--verify"])
+        assert damaged.exit_code == 1
+        assert "train: DAMAGED" in damaged.output and "val: ok" in damaged.output
+        assert "damaged split(s) train" in damaged.output and "Traceback" not in damaged.output
+
+
+def edit(path: Path, name: str, key: str, value=None, delete: bool = False) -> None:
+    with h5py.File(path, "r+") as f:
+        attrs = f[name].attrs if name != "/" else f.attrs
+        if delete:
+            del attrs[key]
+        else:
+            attrs[key] = value
+
+
+class TestValidationOnOpen:
+    @pytest.fixture
+    def cache(self, tmp_path) -> Path:
+        path = tmp_path / "c.h5"
+        one_go(path, ragged([2, 3, 1]), ragged([2, 2]))
+        return path
+
+    @pytest.mark.parametrize("key, value, shown", [
+        ("schema", "2", "has cache schema '2'"),
+        ("hidden_dim", -4, "root attribute 'hidden_dim' is -4, not a positive integer"),
+        ("hidden_dim", 5, "split 'train': its tokens are (6, 4), not (rows, 5) for hidden_dim 5"),
+        ("dtype", "float64", "root attribute 'dtype' is 'float64', not one of float16, float32"),
+        ("amp", "fp8", "root attribute 'amp' is 'fp8', not one of none, bf16, fp16"),
+        ("num_classes", 1, "root attribute 'num_classes' is 1, not an integer >= 2"),
+        ("class_names", '["a"]', "root attribute 'class_names' is '[\"a\"]', not a JSON list of 3 strings"),
+    ])
+    def test_damaged_root_attributes_are_named(self, cache, key, value, shown):
+        edit(cache, "/", key, value)
+        with pytest.raises(CacheError) as info:
+            with CacheReader(cache) as reader:
+                reader.split("train")
+        assert shown in str(info.value) and str(cache) in str(info.value)
+
+    def test_a_missing_root_attribute_is_named(self, cache):
+        edit(cache, "/", "num_classes", delete=True)
+        with pytest.raises(SchemaError, match=r"cache lacks root attributes \['num_classes'\]; re-extract it"):
+            CacheReader(cache)
+
+    @pytest.mark.parametrize("key", ["n", "complete", "rows_written"])
+    def test_a_missing_split_attribute_is_named(self, cache, key):
+        edit(cache, "train", key, delete=True)
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match=f"split 'train': the split lacks its '{key}' attribute; the file "
+                                                 "is damaged: re-extract that split"):
+                reader.split("train")
+
+    def test_rows_written_past_n_is_refused(self, cache):
+        edit(cache, "train", "rows_written", 9)
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match=r"'rows_written' attribute is 9, not an integer in \[0, 3\]"):
+                reader.split("train")
+
+    def _rewrite(self, path: Path, dataset: str, values) -> None:
+        with h5py.File(path, "r+") as f:
+            f[dataset][...] = values
+
+    def test_offsets_that_decrease_are_refused(self, cache):
+        self._rewrite(cache, "train/offsets", [0, 2, 1, 6])
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match=r"dataset 'offsets': offsets decrease at sequence 1 \(2 then 1\)"):
+                reader.split("train").offsets
+
+    def test_offsets_past_the_token_rows_are_refused(self, cache):
+        self._rewrite(cache, "train/offsets", [0, 2, 5, 2 ** 40])
+        with CacheReader(cache) as reader:
+            split = reader.split("train")
+            with pytest.raises(CacheError, match="offsets end at token row 1099511627776, outside the 6 token rows"):
+                split.num_tokens
+            with pytest.raises(CacheError, match="offsets end at token row 1099511627776, past the 6 token rows"):
+                split.offsets
+
+    def test_offsets_not_starting_at_zero_are_refused(self, cache):
+        self._rewrite(cache, "train/offsets", [1, 2, 5, 6])
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match="offsets start at 1, not 0"):
+                reader.split("train").offsets
+
+    @pytest.mark.parametrize("labels, shown", [([0, -3, 1], "sequence 1 has label -3"),
+                                               ([0, 1, 3], "sequence 2 has label 3")])
+    def test_labels_outside_the_classes_are_refused(self, cache, labels, shown):
+        self._rewrite(cache, "train/labels", labels)
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match=shown + r", outside \[-1, 3\)"):
+                reader.split("train").labels
+
+    def test_duplicate_ids_in_a_file_are_refused(self, cache):
+        with h5py.File(cache, "r+") as f:
+            f["train/ids"][2] = "id-0"
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match="dataset 'ids': id 'id-0' appears more than once"):
+                reader.split("train").ids
+
+    def test_a_datatype_other_than_the_format_is_refused(self, cache):
+        with h5py.File(cache, "r+") as f:
+            values = f["train/labels"][()]
+            del f["train/labels"]
+            f["train/labels"] = values.astype(">i8")
+        with CacheReader(cache) as reader:
+            with pytest.raises(CacheError, match="its labels are stored as >i8, not <i8"):
+                reader.split("train")
+
+
+class TestLazyReader:
+    def test_opening_a_split_reads_no_per_sequence_data(self, tmp_path, monkeypatch):
+        path = tmp_path / "c.h5"
+        one_go(path, ragged([2, 3, 1]), ragged([2]))
+        reads = []
+        real = h5py.Dataset.__getitem__
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, key: reads.append(self.name) or real(self, key))
+        with CacheReader(path) as reader:
+            split = reader.split("train")
+            assert (split.n, split.pooled_names) == (3, ["last", "mean"]) and reads == []
+            assert split.labels.tolist() == [0, 1, 2] and reads == ["/train/labels"]
+            split.labels
+            assert reads == ["/train/labels"]  # kept, not read again
+
+    def test_complete_and_rows_written_are_read_fresh(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            split = writer.split("train", 2, ["mean", "last"])
+            reader = CacheReader(path)  # in-process: h5py shares the open file
+            seen = reader.split("train", require_complete=False)
+            split.write(**rows_of(ragged([1, 1])))
+            split.finish()
+            assert (seen.rows_written, seen.complete) == (2, True)
+            reader.close()
+
+
+class TestClassesAndAmp:
+    def test_the_spec_classes_are_recorded(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs(num_classes=2, class_names=["alive", "dead"], amp="bf16")) as writer:
+            write_split(writer, "train", ragged([1]), [1])
+        with CacheReader(path) as reader:
+            assert (reader.num_classes, reader.class_names, reader.amp) == (2, ["alive", "dead"], "bf16")
+
+    def test_without_spec_classes_they_come_from_every_finished_split(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            write_split(writer, "train", ragged([1, 1]), [2])  # labels 0, 1
+            with CacheReader(path) as reader:
+                assert (reader.num_classes, reader.class_names) == (2, ["0", "1"])  # at least 2
+            write_split(writer, "test", ragged([1, 1, 1, 1]), [4])  # labels 0, 1, 2, 0
+        with CacheReader(path) as reader:
+            assert (reader.num_classes, reader.class_names, reader.amp) == (3, ["0", "1", "2"], "none")
+
+    def test_a_label_beyond_the_spec_classes_is_refused_naming_the_sequence(self, tmp_path):
+        with CacheWriter(tmp_path / "c.h5", make_attrs(num_classes=2)) as writer:
+            split = writer.split("train", 3, ["mean", "last"])
+            with pytest.raises(DataError, match="split 'train', sequence 'id-2': label 2 is not a class: labels must "
+                                                r"be 0\.\.1 \(the spec's num_classes\)"):
+                split.write(**rows_of(ragged([1, 1, 1])))
+            assert split.rows_written == 0
+
+    def test_unlabelled_sequences_mark_the_split(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            split = writer.split("test", 2, ["mean", "last"])
+            split.write(**{**rows_of(ragged([1, 1])), "labels": np.array([-1, -1])})
+            split.finish()
+        with CacheReader(path) as reader:
+            test = reader.split("test")
+            assert (test.labels.tolist(), test.labeled, reader.summary()["splits"]["test"]["labeled"]) == (
+                [-1, -1], False, False)
+
+    def test_schema1_file_reads_without_amp_and_with_classes_from_its_labels(self):
+        with CacheReader(TINY) as reader:
+            assert (reader.amp, reader.num_classes, reader.class_names) == (None, 2, ["0", "1"])
+            assert reader.split("train").labeled
+
+
+class TestDuplicateIds:
+    def test_an_id_twice_in_one_block_is_refused_by_name(self, tmp_path):
+        with CacheWriter(tmp_path / "c.h5", make_attrs()) as writer:
+            split = writer.split("train", 3, ["mean", "last"])
+            with pytest.raises(DataError, match="split 'train': id 'b' is given to rows 1 and 2; ids must be unique"):
+                split.write(**{**rows_of(ragged([1, 1, 1])), "ids": ["a", "b", "b"]})
+            assert split.rows_written == 0
+
+    def test_an_id_already_written_before_a_resume_is_refused(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            write_split(writer, "train", ragged([1, 1, 1]), [2], finish=False)
+        with CacheWriter(path, make_attrs()) as writer:
+            split = writer.split("train", 3, ["mean", "last"])
+            with pytest.raises(DataError, match="id 'id-0' is given to rows 0 and 2"):
+                split.write(**{**rows_of(ragged([1]), 2), "ids": ["id-0"]})
+
+
+class TestAddingSplits:
+    def test_a_new_split_can_be_added_to_a_finished_cache(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs(), splits=["train"]) as writer:
+            write_split(writer, "train", ragged([1, 2]), [2])
+        with CacheWriter(path, make_attrs(), splits=["train", "test"]) as writer:
+            assert writer.resuming
+            write_split(writer, "test", ragged([3]), [1])
+        with CacheReader(path) as reader:
+            assert reader.splits == ["train", "test"] and reader.split("test").n == 1
+
+    def test_the_same_splits_of_a_finished_cache_are_refused(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs(), splits=["train"]) as writer:
+            write_split(writer, "train", ragged([1, 2]), [2])
+        with pytest.raises(OutputExistsError, match=r"is already complete \(splits train\)"):
+            CacheWriter(path, make_attrs(), splits=["train"])
+
+    def test_the_spec_text_is_not_part_of_the_identity(self, tmp_path):
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs(spec='toy {"data": "/abs/data"}')) as writer:
+            write_split(writer, "train", ragged([1, 2]), [1], finish=False)
+        with CacheWriter(path, make_attrs(spec='toy {"data": "data"}')) as writer:
+            assert writer.resuming
+
+
+class TestEmptySplits:
+    def test_inspect_shows_a_split_with_nothing_written(self, tmp_path):
+        from typer.testing import CliRunner
+
+        from headcache.cli import app
+
+        path = tmp_path / "c.h5"
+        with CacheWriter(path, make_attrs()) as writer:
+            writer.split("train", 3, ["mean"])
+            writer.split("empty", 0, ["mean"]).finish()
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["inspect", str(path)])
+        assert result.exit_code == 0, result.output
+        rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 2}
+        assert rows["train"].split("│")[-2].strip() == "-" and rows["empty"].split("│")[-2].strip() == "-"
+        with CacheReader(path) as reader:
+            empty = reader.split("empty")
+            assert (empty.labels.shape, empty.ids, empty.num_tokens, reader.num_classes) == ((0,), [], 0, 2)
+            assert verify(path) == {"train": [], "empty": []}
