@@ -280,6 +280,7 @@ class CacheWriter:
             root["hidden_dim"] = attrs["hidden_dim"]
             root["num_classes"] = self._num_classes or MIN_CLASSES
             root["class_names"] = json.dumps(attrs["class_names"] or default_class_names(MIN_CLASSES))
+            root["split_names"] = "[]"  # a split whose link is damaged must not just vanish from the listing
             root["created_by"] = f"headcache {__version__}"
             root["load_report"] = json.dumps(attrs["load_report"], sort_keys=True)
             self._file.flush()
@@ -310,6 +311,8 @@ class CacheWriter:
             raise ConfigError(f"split {name!r}: pooled names must be distinct names without '/', got {pooled_names}")
         if name in self._file and "rows_written" not in self._file[name].attrs:
             del self._file[name]  # a writer killed while creating it; rows_written is set last
+            root = self._file.attrs
+            root["split_names"] = json.dumps([s for s in json.loads(root["split_names"]) if s != name])
         if name in self._file:
             group = self._file[name]
             have_n, have_pooled = int(group.attrs["n"]), sorted(group["pooled"])
@@ -354,6 +357,8 @@ class CacheWriter:
         group.attrs["data_fingerprint"] = ""
         group.attrs["rows_pending"] = 0
         group.attrs["rows_written"] = 0  # last: a group without it was never finished being created
+        root = self._file.attrs
+        root["split_names"] = json.dumps(json.loads(root["split_names"]) + [name])
         self._file.flush()
         return group
 
@@ -773,7 +778,7 @@ class CacheReader:
         except _READ_ERRORS as exc:
             raise SchemaError(f"{self.path}: the root attributes cannot be read ({exc}); the file is damaged: "
                               "re-extract it (headcache extract ... --overwrite)") from None
-        if root.get("format") != FORMAT:
+        if _plain(root.get("format")) != FORMAT:
             raise SchemaError(
                 f"{self.path} is an HDF5 file but not a headcache cache (no format='headcache' attribute)"
             )
@@ -785,7 +790,8 @@ class CacheReader:
                 "... --overwrite), or use a headcache version that reads that schema"
             )
         self.schema = int(schema)
-        needed = WRITER_ATTRS + ("created_by",) + (("amp", "num_classes", "class_names") if self.schema >= 2 else ())
+        needed = WRITER_ATTRS + ("created_by",) + (
+            ("amp", "num_classes", "class_names", "split_names") if self.schema >= 2 else ())
         missing = [key for key in needed if key not in root]
         if missing:
             raise SchemaError(f"{self.path}: cache lacks root attributes {missing}; re-extract it "
@@ -830,6 +836,12 @@ class CacheReader:
                     and all(isinstance(c, str) for c in names)):
                 raise bad("class_names", f"a JSON list of {self.num_classes} strings")
             self.class_names = names
+            try:
+                self._split_names = json.loads(root["split_names"])
+            except (TypeError, ValueError):
+                self._split_names = None
+            if not (isinstance(self._split_names, list) and all(isinstance(c, str) for c in self._split_names)):
+                raise bad("split_names", "a JSON list of strings")
         if expected_fingerprint is not None and expected_fingerprint != self.backbone_fingerprint:
             raise FingerprintMismatchError(
                 f"{self.path} was written by backbone {self.backbone_fingerprint[:12]}, but this backbone is "
@@ -849,18 +861,54 @@ class CacheReader:
         """Names of the classes (schema 1: the class indices)."""
         return default_class_names(self.num_classes)
 
+    @cached_property
+    def _chunk_layout(self) -> bool:
+        """Check, once, that no two chunks of the file's datasets share bytes (raise if they do).
+
+        A damaged chunk address can point at another chunk's bytes, or at a zero-filled one, whose
+        fletcher32 is valid (that of zeros is zero): the read would silently give other values.
+        """
+        spans = []  # (start, stop, split, dataset)
+
+        def collect(split: str, name: str, obj) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.chunks is not None:
+                for i in range(obj.id.get_num_chunks()):
+                    info = obj.id.get_chunk_info(i)
+                    spans.append((info.byte_offset, info.byte_offset + info.size, split, name))
+
+        for split in self.splits:
+            try:
+                self._file[split].visititems(lambda name, obj, split=split: collect(split, name, obj))
+            except _READ_ERRORS as exc:
+                raise CacheError(f"{self.path}: split {split!r}: its chunk index cannot be read ({exc}); the file "
+                                 "is damaged: re-extract that split (or the whole cache with --overwrite)") from None
+        spans.sort()
+        size = self._file.id.get_filesize()  # the open file's: a replaced path may now name another one
+        for (_, stop, *_), (start, end, split, name) in zip([(0, 0, "", "")] + spans, spans):
+            if start < stop or end > size:
+                raise CacheError(f"{self.path}: split {split!r}, dataset {name!r}: a chunk lies over another or "
+                                 "past the end of the file; the file is damaged: re-extract that split (or the whole "
+                                 "cache with --overwrite)")
+        return True
+
     def _complete_splits(self) -> list["SplitReader"]:
         splits = [self.split(name, require_complete=False) for name in self.splits]
         return [split for split in splits if split.complete]
 
     @property
     def splits(self) -> list[str]:
-        """Names of the splits in the file, in the order they were created (files track it; see `_open`)."""
+        """Names of the splits in the file, in the order they were created (``split_names``; see `_open`)."""
         try:
-            return [name for name, obj in self._file.items() if isinstance(obj, h5py.Group)]
+            found = [name for name, obj in self._file.items() if isinstance(obj, h5py.Group)]
         except _READ_ERRORS as exc:
             raise CacheError(f"{self.path}: the list of splits cannot be read ({exc}); the file is damaged: "
                              "re-extract it (headcache extract ... --overwrite)") from None
+        if self.schema < 2:
+            return found  # schema 1 files track creation order
+        if sorted(found) != sorted(self._split_names):
+            raise CacheError(f"{self.path}: the file holds splits {found}, but records {self._split_names}; the file "
+                             "is damaged: re-extract it (headcache extract ... --overwrite)")
+        return list(self._split_names)
 
     def split(self, name: str, *, require_complete: bool = True) -> "SplitReader":
         """Open one split (its attributes and shapes are checked; nothing else is read).
@@ -991,6 +1039,7 @@ class SplitReader:
         if bool(attrs["complete"]) and self._rows != self.n:
             raise self._damaged(f"it is marked complete with {self._rows} of {self.n} sequences written")
         self._attrs = attrs
+        self._counted: set[str] = set()  # datasets whose chunks are counted (`_dataset`)
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -1024,6 +1073,31 @@ class SplitReader:
             have = shape_of(f"pooled/{pooled_name}", "<f4")
             if have != (n, d):
                 raise self._damaged(f"its pooled {pooled_name!r} is {have}, not {(n, d)}")
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        """A dataset whose chunks are all in the file (checked once per dataset).
+
+        HDF5 reads a chunk missing from a damaged chunk index as the fill value, with no error and no
+        checksum to fail; so the index must list exactly the chunks the dataset's rows need.
+        """
+        dataset = self._group[name]
+        if name not in self._counted:
+            self._reader._chunk_layout
+            if dataset.chunks is not None:
+                c, rows = dataset.chunks[0], dataset.shape[0]
+                count, want = self._guard(name, lambda: dataset.id.get_num_chunks()), -(-rows // c)
+                if count != want:
+                    raise self._damaged(f"its chunk index lists {count} chunks where {want} belong", name)
+                infos = self._guard(name, lambda: [dataset.id.get_chunk_info(i) for i in range(count)])
+                if sorted(info.chunk_offset[0] for info in infos) != list(range(0, rows, c)):
+                    raise self._damaged("its chunk index places chunks outside its rows", name)
+                # A finished split's chunks are all checksummed (a resume writes a few unfiltered ones,
+                # NOTE [ Crash-safe appends ], which the rest of the extraction rewrites): a chunk marked
+                # to skip its checksum is a damaged index entry.
+                if bool(self._attrs["complete"]) and dataset.fletcher32 and any(i.filter_mask for i in infos):
+                    raise self._damaged("a chunk of it is marked to skip its checksum", name)
+            self._counted.add(name)
+        return dataset
 
     def _damaged(self, what: str, dataset: str | None = None) -> CacheError:
         where = f"split {self.name!r}" + (f", dataset {dataset!r}" if dataset else "")
@@ -1067,7 +1141,7 @@ class SplitReader:
         """Token rows of the committed sequences (one offset read; all offsets are checked when read)."""
         if "offsets" in self.__dict__:
             return int(self.offsets[-1])
-        end = int(self._guard("offsets", lambda: self._group["offsets"][self._rows]))
+        end = int(self._guard("offsets", lambda: self._dataset("offsets")[self._rows]))
         rows = self._guard("tokens", lambda: self._group["tokens"].shape[0])
         if not 0 <= end <= rows:
             raise self._damaged(f"offsets end at token row {end}, outside the {rows} token rows", "offsets")
@@ -1075,7 +1149,7 @@ class SplitReader:
 
     @cached_property
     def offsets(self) -> np.ndarray:
-        offsets = self._guard("offsets", lambda: self._group["offsets"][: self._rows + 1].astype(np.int64))
+        offsets = self._guard("offsets", lambda: self._dataset("offsets")[: self._rows + 1].astype(np.int64))
         rows = self._guard("tokens", lambda: self._group["tokens"].shape[0])
         if offsets[0] != 0:
             raise self._damaged(f"offsets start at {offsets[0]}, not 0", "offsets")
@@ -1089,7 +1163,7 @@ class SplitReader:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        labels = self._guard("labels", lambda: self._group["labels"][: self._rows].astype(np.int64))
+        labels = self._guard("labels", lambda: self._dataset("labels")[: self._rows].astype(np.int64))
         # Schema 1 has no unlabelled sequences and derives its classes from the labels; an unfinished
         # split's labels may still raise num_classes when it finishes (when no spec gave them).
         lowest = -1 if self._reader.schema >= 2 else 0
@@ -1127,7 +1201,7 @@ class SplitReader:
         if name not in self.pooled_names:
             available = ", ".join(self.pooled_names) or "none"
             raise CacheError(f"split {self.name!r} has no pooled {name!r}; available: {available}")
-        return self._guard(f"pooled/{name}", lambda: self._group["pooled"][name][: self._rows].astype(np.float32))
+        return self._guard(f"pooled/{name}", lambda: self._dataset(f"pooled/{name}")[: self._rows].astype(np.float32))
 
     def tokens(self, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of the flat token matrix, (stop - start, D), in the cache dtype.
@@ -1141,7 +1215,7 @@ class SplitReader:
             raise CacheError(
                 f"split {self.name!r}: token rows [{start}, {stop}) are outside [0, {self.num_tokens})"
             )
-        dataset = self._group["tokens"]
+        dataset = self._dataset("tokens")
         if out is None:
             return self._guard("tokens", lambda: dataset[start:stop])
         if stop > start:  # HDF5 refuses an empty selection
@@ -1193,10 +1267,12 @@ def verify(path: str | Path) -> dict[str, list[str]]:
 def _open(path: Path, mode: str) -> h5py.File:
     """h5py.File with OSError (locked by another process, damaged, permissions, ...) as a named error.
 
-    New files track creation order, so splits list in the order they were written (train, valid, test).
+    Schema 2 files keep the order of their splits in the ``split_names`` attribute, not through HDF5's
+    creation-order tracking (schema 1's): tracking moves a file's attributes into HDF5's dense storage
+    (a fractal heap and B-trees), where damaged bytes can make HDF5 loop forever instead of failing.
     """
     try:
-        return h5py.File(path, mode, track_order=True) if mode == "w" else h5py.File(path, mode)
+        return h5py.File(path, mode)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES) and "lock" in str(exc):
             doing = "reading or writing it" if mode != "r" else "writing it"
@@ -1251,8 +1327,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """An HDF5 attribute as a Python value (numpy scalars unwrapped)."""
-    return value.item() if isinstance(value, np.generic) else value
+    """An HDF5 attribute as a Python value (numpy scalars unwrapped, arrays as lists), safe to compare."""
+    return value.item() if isinstance(value, np.generic) else value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def _check_writer_attrs(attrs: Mapping) -> dict:
@@ -1304,7 +1380,7 @@ def _check_resumable(path: Path, attrs: dict, splits: Sequence[str] | None) -> N
                            if isinstance(g, h5py.Group)}
         except _READ_ERRORS as exc:
             raise refuse(f"cannot be read as a cache ({exc})") from None
-        if root.get("format") != FORMAT:
+        if _plain(root.get("format")) != FORMAT:
             raise refuse("is not a headcache cache (an HDF5 file without format='headcache')")
         if _plain(root.get("schema")) != SCHEMA:
             raise refuse(f"has cache schema {_plain(root.get('schema'))}, but this version writes schema {SCHEMA}")

@@ -85,14 +85,14 @@ def contents(path: Path) -> dict:
     """Every attribute, dataset value and dataset layout property in the file, for exact comparison."""
     out = {}
 
-    def visit(name, obj):
-        out[name + "@attrs"] = dict(obj.attrs)
+    def visit(name, obj):  # attributes by name: HDF5 lists a rewritten attribute last, which says nothing of content
+        out[name + "@attrs"] = dict(sorted(obj.attrs.items()))
         if isinstance(obj, h5py.Dataset):
             values = obj.asstr()[()] if h5py.check_string_dtype(obj.dtype) else obj[()]
             out[name] = (values.tolist(), str(obj.dtype), obj.shape, obj.maxshape, obj.chunks, obj.fletcher32)
 
     with h5py.File(path, "r") as f:
-        out["/@attrs"] = dict(f.attrs)
+        out["/@attrs"] = dict(sorted(f.attrs.items()))
         f.visititems(visit)
     return out
 
@@ -152,7 +152,7 @@ class TestCreate:
             assert dict(f.attrs) == {
                 "format": "headcache", "schema": 2, "backbone_fingerprint": "ab" * 32, "spec": "demo",
                 "checkpoint_sha256": "cd" * 32, "hidden_dim": D, "dtype": "float32", "amp": "none", "num_classes": 2,
-                "class_names": '["0", "1"]', "created_by": "headcache 0.1.0",
+                "class_names": '["0", "1"]', "split_names": "[]", "created_by": "headcache 0.1.0",
                 "load_report": '{"key_map": {}, "loaded": 7}',
             }
 
@@ -1109,3 +1109,115 @@ class TestEmptySplits:
             empty = reader.split("empty")
             assert (empty.labels.shape, empty.ids, empty.num_tokens, reader.num_classes) == ((0,), [], 0, 2)
             assert verify(path) == {"train": [], "empty": []}
+
+
+def _read_everything(path: Path) -> dict:
+    """Everything a trainer reads from a cache (complete splits), and what inspect and verify report."""
+    out = {}
+    with CacheReader(path) as reader:
+        out["root"] = (reader.hidden_dim, reader.dtype, reader.num_classes, reader.splits)
+        for name in reader.splits:
+            split = reader.split(name)
+            out[name] = (split.offsets.tolist(), split.labels.tolist(), split.ids, split.tokens().tolist(),
+                         {p: split.pooled(p).tolist() for p in split.pooled_names})
+        reader.summary()
+    verify(path)
+    return out
+
+
+_FUZZ_ATTRS = [("/", "schema"), ("/", "hidden_dim"), ("/", "dtype"), ("/", "num_classes"), ("/", "class_names"),
+               ("/", "amp"), ("/", "format"), ("/", "load_report"), ("train", "n"), ("train", "rows_written"),
+               ("train", "complete"), ("val", "n"), ("val", "data_fingerprint")]
+_FUZZ_VALUES = st.one_of(st.integers(-3, 10), st.text(max_size=6), st.floats(allow_nan=True), st.booleans(),
+                         st.just(np.array([1, 2])), st.none())
+
+
+class TestReaderFuzz:
+    """Random byte damage, truncation and attribute edits never give a traceback or a silent wrong result:
+    every read either gives the intact file's values or raises a HeadcacheError.
+
+    Derandomized, so a run is reproducible. KNOWN LIMIT, measured outside the suite: about 1 random damage
+    in 200 redirects a chunk address at zero bytes that belong to no chunk, whose fletcher32 is valid (that
+    of zeros is zero), and the read gives zeros; see the store's report."""
+
+    @pytest.fixture(scope="class")
+    def intact(self, tmp_path_factory) -> tuple[bytes, dict]:
+        import headcache.store as store
+
+        path = tmp_path_factory.mktemp("fuzz") / "c.h5"
+        chunk, store.CHUNK_BYTES = store.CHUNK_BYTES, 2 * D * 4  # small chunks: damage lands in many of them
+        try:
+            one_go(path, ragged([2, 0, 3, 1]), ragged([2, 1]))
+        finally:
+            store.CHUNK_BYTES = chunk
+        return path.read_bytes(), _read_everything(path)
+
+    def _check(self, path: Path, expected: dict) -> None:
+        from headcache.errors import HeadcacheError
+
+        try:
+            got = _read_everything(path)
+        except HeadcacheError:
+            return
+        assert repr(got) == repr(expected)  # no error: then exactly the intact values
+
+    @staticmethod
+    def _outside_global_heaps(raw: bytes) -> list[int]:
+        """Byte positions outside HDF5's global heap collections ("GCOL": variable-length strings, i.e. the ids
+        and the string attributes). KNOWN LIMIT: a damaged collection can make HDF5 itself loop forever
+        (seen with HDF5 2.0.0), which no reader above it can turn into an error; see the store's report."""
+        heaps, start = [], raw.find(b"GCOL")
+        while start >= 0:
+            size = int.from_bytes(raw[start + 8:start + 16], "little")
+            heaps.append((start, start + size))
+            start = raw.find(b"GCOL", start + max(size, 4))
+        return [i for i in range(len(raw)) if not any(a <= i < b for a, b in heaps)]
+
+    @settings(max_examples=50, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_byte_damage(self, intact, data):
+        raw, expected = intact
+        positions = self._outside_global_heaps(raw)
+        assert len(raw) - len(positions) <= 2 * 4096  # the heaps (4 KiB collections) are a small part of the file
+        damaged = bytearray(raw)
+        for _ in range(data.draw(st.integers(1, 8))):
+            damaged[data.draw(st.sampled_from(positions))] ^= data.draw(st.integers(1, 255))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "c.h5"
+            path.write_bytes(bytes(damaged))
+            self._check(path, expected)
+
+    @settings(max_examples=30, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_truncation(self, intact, data):
+        raw, expected = intact
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "c.h5"
+            path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
+            self._check(path, expected)
+
+    @settings(max_examples=50, deadline=None, derandomize=True)
+    @given(where=st.sampled_from(_FUZZ_ATTRS), value=_FUZZ_VALUES, delete=st.booleans())
+    def test_attribute_edits(self, intact, where, value, delete):
+        raw, expected = intact
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "c.h5"
+            path.write_bytes(raw)
+            with h5py.File(path, "r+") as f:
+                attrs = f.attrs if where[0] == "/" else f[where[0]].attrs
+                if delete:
+                    del attrs[where[1]]
+                elif value is not None:
+                    attrs[where[1]] = value
+            changed_metadata = not delete and value is not None and where[1] in ("num_classes", "class_names")
+            if changed_metadata:  # a valid class count is the file's to state: only the data must stay intact
+                expected = {**expected, "root": None}
+                from headcache.errors import HeadcacheError
+
+                try:
+                    got = _read_everything(path)
+                except HeadcacheError:
+                    return
+                assert repr({**got, "root": None}) == repr(expected)
+            else:
+                self._check(path, expected)
