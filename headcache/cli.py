@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -77,7 +78,7 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
         except HeadcacheError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            errors.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             if ctx.obj and ctx.obj.get("debug"):
@@ -89,7 +90,7 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
             for warning in caught:
-                errors.print(f"[yellow]warning:[/yellow] {warning.message}", highlight=False)
+                errors.print(f"[yellow]warning:[/yellow] {escape(str(warning.message))}", highlight=False)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -207,7 +208,7 @@ def _extract_hooks(show: bool = True) -> Iterator[dict]:
                 progress.stop_task(bars[split])  # freezes its clock, so the rate stays this split's own
 
         def on_load(report) -> None:
-            console.print(report.summary(), highlight=False)
+            console.print(escape(report.summary()), highlight=False)
 
         yield {"on_progress": on_progress, "on_load": on_load}
 
@@ -336,9 +337,26 @@ def inspect_command(
         report = summary.get("load_report") or {}
         console.print(f"load report: {report.get('loaded')} tensors loaded, {len(report.get('unexpected', []))} "
                       f"unexpected keys ignored, key map {report.get('key_map') or 'none'}", highlight=False)
+        advice = _pool_advice(report)
+        if advice:
+            console.print(advice, highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ train
+
+
+def _pool_advice(load_report: dict, pool: str | None = None) -> str | None:
+    """What a cache's load report says about pooling: a sentence-transformers folder records the pool its
+    model was trained for (``recommended_pool`` of the hf spec's report), which suits it far better than
+    the seed's meanq. None when nothing is recorded, or when ``pool`` (the run's --pool) is that pool."""
+    from headcache.pooling import POOL_NAMES
+
+    recommended = (load_report.get("spec_report") or {}).get("recommended_pool")
+    if not recommended or recommended == pool:
+        return None
+    hint = f"try --pool {recommended}" if recommended in POOL_NAMES else "headcache has no such pool"
+    running = f"; this run uses --pool {pool}" if pool else ""
+    return f"this model was trained for {recommended} pooling: {hint}{running}"
 
 
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
@@ -378,10 +396,15 @@ def train_command(
 ) -> None:
     """Train one pooling + head from the cache and write its run directory."""
     from headcache.config import config_from_options
+    from headcache.store import CacheReader
     from headcache.train import train
 
     with _user_errors(ctx):
         config = config_from_options(settings)
+        with CacheReader(cache) as reader:
+            advice = _pool_advice(reader.load_report, config.pool)
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=1)
         result = train(cache, out, config, overwrite=overwrite, on_epoch=None if quiet else _epoch_printer())
         console.print(_metrics_table(f"best epoch {result.result.best_epoch} (of {result.result.epochs_run})",
                                      result.metrics))

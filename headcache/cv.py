@@ -46,7 +46,17 @@ from headcache.sweep import (
     group_banks,
     train_banks,
 )
-from headcache.train import FitResult, HeadTask, bank_key, num_classes_of, predict_split, resolve_splits, run_record
+from headcache.train import (
+    FitResult,
+    HeadTask,
+    bank_key,
+    num_classes_of,
+    predict_split,
+    require_labels,
+    resolve_splits,
+    run_record,
+    unlabelled_count,
+)
 
 CV_SPLIT_KEYS = ("train_split", "val_split")  # the folds are cut from `splits`; these mean nothing in cv
 
@@ -149,6 +159,7 @@ def cross_validate(cache: str | Path, out: str | Path, *, folds: int = 5, splits
     splits = _cv_splits(splits, base, first.splits)
     joined = "+".join(splits)
     labels = first.labels(joined).cpu().numpy()
+    require_labels(labels, joined, "--splits", use="cross-validation")  # NOTE [ Unlabelled items ] in train.py
     _check_folds(labels, folds, joined)
     fold_of = {seed: stratified_folds(labels, folds, seed) for seed in check_seeds(seeds)}
     tests = {h.name: _cv_test_split(h.config, first.splits, splits) for h in configs}
@@ -287,7 +298,8 @@ def _refit(folder: Path, sources: FeatureSources, configs: list[Head], summary: 
             probs = predict_split(head_from_checkpoint(checkpoint).to(source.device), source, test,
                                   every_row(source, test))[0].cpu().numpy()
             y = source.labels(test).cpu().numpy()
-            metrics, predictions = {"test": _scored(probs, y, head.seed, test)}, {"test": probs}
+            predictions = {"test": probs}  # an unlabelled test split: predictions only (fit has warned)
+            metrics = {} if unlabelled_count(y) else {"test": _scored(probs, y, head.seed, test)}
         last = replace(result, best_state=result.last_state, best_epoch=result.epochs_run - 1,
                        best_value=math.nan, metrics=metrics, predictions=predictions)
         save_run(folder / "refit" / head.name, last, record, ids={"test": first.ids(test)} if test else {})

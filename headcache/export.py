@@ -155,6 +155,8 @@ def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | 
             overwrite: bool = False, on_batch: Callable[[int, int], None] | None = None) -> Path:
     """Write ``id, label, p0..pC`` for every item of ``split`` to the csv ``out``.
 
+    Ids and probabilities are written for every item; ``label`` is the
+    dataset's label, empty for an unlabelled item (label None: new data).
     The csv is written whole to a temporary file and renamed into place at the
     end, so a failure part-way leaves no partial csv and an existing ``out`` untouched.
 
@@ -176,7 +178,7 @@ def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | 
     for items in loader:
         probs.append(model(to_device(model.spec.collate([item[0] for item in items]), target)).cpu())
         ids += [item[2] for item in items]
-        labels += [item[1] for item in items]
+        labels += [None if item[1] is None else int(item[1]) for item in items]  # a tensor label as its number
         if on_batch is not None:
             on_batch(len(ids), len(dataset))
     classes = model.head.bank.num_classes

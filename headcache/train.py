@@ -28,7 +28,7 @@ from torch import Tensor
 
 from headcache.config import TrainConfig
 from headcache.devices import resolve_device
-from headcache.errors import ConfigError
+from headcache.errors import ConfigError, DataError
 from headcache.features import CachedFeatures
 from headcache.head import HeadModel, get_head
 from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
@@ -38,6 +38,8 @@ from headcache.pooling import create_pool
 from headcache.rundir import RUN, FoldRun, Output, RefitRun, RunRecord, SweepRun, save_run, write_record
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
+# The flag that names each role's split, for messages.
+SPLIT_FLAGS = {"train": "--train-split", "val": "--val-split"}
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -133,6 +135,11 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     if any(t.train[0] != train_split for t in tasks):
         raise ConfigError("heads of one bank must share their train split")
     labels = {role: [source.labels(getattr(t, role)[0]) for t in tasks] for role in ("train", "val")}
+    for role in ("train", "val"):  # NOTE [ Unlabelled items ]
+        for task, split_labels in zip(tasks, labels[role]):
+            split, rows = getattr(task, role)
+            require_labels(split_labels[rows.to(split_labels.device)], split, SPLIT_FLAGS[role],
+                           use=f"the {role} split")
     train_labels = [labels["train"][k][t.train[1].to(device)] for k, t in enumerate(tasks)]
     constants = [loss_constants(c.loss or default_loss(num_classes), y, num_classes, c.focal_gamma)
                  for c, y in zip(configs, train_labels)]
@@ -201,6 +208,37 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     return results
 
 
+# NOTE [ Unlabelled items ]
+# The cache stores label -1 for an item its spec gave no label (new patients, a file
+# without a label column). Training and early stopping need every label, so a train
+# or val split holding any -1 is refused here, in `fit`, which train, sweep and cv all
+# call (cv also calls `require_labels` before cutting its folds, which reads labels
+# first). A test split holding any -1 only loses its metrics: its predictions are
+# still kept (predictions_test.csv), with a warning, so a run can predict new items.
+
+
+def unlabelled_count(labels: Tensor | np.ndarray) -> int:
+    """How many of ``labels`` are -1 (NOTE [ Unlabelled items ])."""
+    return int((labels < 0).sum())
+
+
+def require_labels(labels: Tensor | np.ndarray, split: str, flag: str, *, use: str) -> None:
+    """Refuse ``split`` for ``use`` (e.g. "the train split") when any of its ``labels`` is -1
+    (NOTE [ Unlabelled items ]).
+
+    Raises
+    ------
+    DataError
+        Naming the split, how many of its items lack a label and ``flag``, the option that picks another.
+    """
+    missing = unlabelled_count(labels)
+    if missing:
+        what = "is unlabelled" if missing == len(labels) else f"has {missing} unlabelled items (of {len(labels)})"
+        raise DataError(f"split {split!r} {what}: {use} needs a label for every item; name a labelled split with "
+                        f"{flag} (unlabelled items are predicted with export and predict, or given as the test "
+                        "split, which then gets predictions without metrics)")
+
+
 def _choose_monitor(val_labels: np.ndarray, split: str) -> str:
     if len(np.unique(val_labels)) < 2:
         warnings.warn(f"split {split} holds one class, so val AUROC is undefined: early stopping "
@@ -242,7 +280,7 @@ def _heads_by_split(tasks: Sequence[HeadTask], role: str) -> dict[str, list[int]
 def _evaluate_tasks(model: HeadModel, source: Any, tasks: Sequence[HeadTask], role: str,
                     loss_args) -> tuple[list[np.ndarray | None], list[float]]:
     """Probabilities (N_k, C) and loss of each head on its own split and rows of ``role``; None and NaN
-    for a head without that role.
+    for a head without that role (NaN loss for rows with unlabelled items).
 
     The bank computes all K heads at once, so each split the heads name is predicted in one pass, over
     all of its rows, and each head keeps its own rows: heads sharing a split cost one pass, and a head's
@@ -258,9 +296,12 @@ def _evaluate_tasks(model: HeadModel, source: Any, tasks: Sequence[HeadTask], ro
             rows = getattr(tasks[k], role)[1]
             p = probs[k, rows.to(probs.device)]
             y = labels[rows.to(labels.device)]
+            probs_out[k] = p.cpu().numpy()
+            if unlabelled_count(y):  # an unlabelled test split has no loss (NOTE [ Unlabelled items ])
+                continue
             loss = stacked_loss(torch.log(p.clamp(min=1e-12))[None], y, weights[k:k + 1], gamma[k:k + 1],
                                 weighted[k:k + 1])
-            probs_out[k], loss_out[k] = p.cpu().numpy(), float(loss)
+            loss_out[k] = float(loss)
     return probs_out, loss_out
 
 
@@ -274,6 +315,7 @@ def _final_evaluation(model: HeadModel, source: Any, tasks: Sequence[HeadTask], 
             model.load_head_state(k, result.best_state)
         else:  # the monitor never improved (e.g. NaN): keep the last weights
             result.best_state = result.last_state
+    warned: set[str] = set()
     for role in ("val", "test"):
         probs, _ = _evaluate_tasks(model, source, tasks, role, loss_args)
         for task, result, p in zip(tasks, results, probs):
@@ -282,12 +324,20 @@ def _final_evaluation(model: HeadModel, source: Any, tasks: Sequence[HeadTask], 
             split, rows = getattr(task, role)
             labels = source.labels(split)
             y = labels[rows.to(labels.device)].cpu().numpy()
+            result.predictions[role] = p
+            missing = unlabelled_count(y)
+            if missing:  # only a test split gets here with -1 labels (NOTE [ Unlabelled items ])
+                if split not in warned:
+                    warned.add(split)
+                    warnings.warn(f"split {split!r} has {missing} unlabelled items (of {len(y)}), so the run has no "
+                                  f"{role} metrics; its predictions are written (predictions_{role}.csv)",
+                                  UserWarning, stacklevel=3)
+                continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already warned when the monitor was chosen
                 metrics = classification_metrics(p, y, split=split)
             metrics.update(bootstrap_intervals(p, y, seed=task.config.seed))
             result.metrics[role] = metrics
-            result.predictions[role] = p
 
 
 # ---------------------------------------------------------------------------- train from a cache

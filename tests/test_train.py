@@ -149,3 +149,115 @@ def test_a_bank_refuses_heads_on_different_train_splits(tiny_cache):
     tasks = [_task(source, TrainConfig(epochs=1, device="cpu"), "valid", train=train) for train in ("train", "test")]
     with pytest.raises(ConfigError, match="share their train split"):
         fit(source, tasks, num_classes=2, hidden_dim=16)
+
+
+# ---------------------------------------------------------------------------- unlabelled splits
+# NOTE [ Unlabelled items ] in train.py: label -1 in the cache
+
+
+@pytest.fixture(scope="module")
+def unlabelled_cache(tmp_path_factory):
+    """A cache (d=8) with labelled train/valid/test, a split 'fresh' with no labels at all and a split
+    'mixed' where 3 of 20 items have none."""
+    from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
+    from headcache.store import CacheWriter
+
+    rng = np.random.default_rng(1)
+    d = 8
+    path = tmp_path_factory.mktemp("unlabelled") / "cache.h5"
+    attrs = {"backbone_fingerprint": "u" * 64, "spec": "test", "checkpoint_sha256": "0" * 64, "hidden_dim": d,
+             "dtype": "float32", "load_report": {}}
+    labels = {"train": rng.integers(0, 2, 64), "valid": np.array([0, 1] * 12), "test": np.array([0, 1] * 10),
+              "fresh": np.full(20, -1), "mixed": np.array([0, 1] * 10)}
+    labels["mixed"][[2, 5, 11]] = -1
+    with CacheWriter(path, attrs) as writer:
+        for name, y in labels.items():
+            split = writer.split(name, len(y), list(PARAMETER_FREE_POOLS))
+            tokens = [(rng.standard_normal((int(rng.integers(2, 7)), d)) + max(label, 0)).astype(np.float32)
+                      for label in y]
+            pooled = {pool: np.stack([pool_parameter_free(pool, torch.from_numpy(t)[None],
+                                                          torch.ones(1, len(t), dtype=torch.bool))[0].numpy()
+                                      for t in tokens]) for pool in PARAMETER_FREE_POOLS}
+            split.write(tokens, y.astype(np.int64), [f"{name}-{i}" for i in range(len(y))], pooled)
+            split.finish()
+    return path
+
+
+@pytest.mark.parametrize("role, split, flag, what", [
+    ("train_split", "fresh", "--train-split", "split 'fresh' is unlabelled"),
+    ("val_split", "fresh", "--val-split", "split 'fresh' is unlabelled"),
+    ("train_split", "mixed", "--train-split", "split 'mixed' has 3 unlabelled items (of 20)"),
+    ("val_split", "mixed", "--val-split", "split 'mixed' has 3 unlabelled items (of 20)"),
+])
+def test_train_refuses_an_unlabelled_train_or_val_split_naming_it_and_the_flag(unlabelled_cache, tmp_path, role,
+                                                                               split, flag, what):
+    from headcache.errors import DataError
+
+    config = TrainConfig(epochs=1, device="cpu", **{role: split})
+    with pytest.raises(DataError) as error:
+        train(unlabelled_cache, tmp_path / "run", config)
+    message = str(error.value)
+    assert what in message and flag in message and f"the {role.split('_')[0]} split needs a label" in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_sweep_refuses_an_unlabelled_train_split(unlabelled_cache, tmp_path):
+    from headcache.errors import DataError
+    from headcache.sweep import sweep
+
+    with pytest.raises(DataError, match="split 'fresh' is unlabelled.*--train-split"):
+        sweep(unlabelled_cache, tmp_path / "sweep", {"lr": [1e-3, 1e-4]}, base=TrainConfig(epochs=1, device="cpu",
+                                                                                            train_split="fresh"))
+
+
+@pytest.mark.parametrize("splits, what", [(["train", "fresh"], "36"), (["mixed"], "3")])
+def test_cv_refuses_unlabelled_splits_naming_them_and_the_flag(unlabelled_cache, tmp_path, splits, what):
+    """Checked before the folds are cut (they would count -1 as a class)."""
+    from headcache.cv import cross_validate
+    from headcache.errors import DataError
+
+    with pytest.raises(DataError) as error:
+        cross_validate(unlabelled_cache, tmp_path / "cv", folds=2, splits=splits,
+                       base=TrainConfig(epochs=1, device="cpu"))
+    message = str(error.value)
+    joined = "+".join(splits)
+    assert f"split {joined!r} has {'20' if what == '36' else '3'} unlabelled items" in message
+    assert "cross-validation needs a label for every item" in message and "--splits" in message
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("test_split", ["fresh", "mixed"])
+def test_an_unlabelled_test_split_gets_predictions_and_no_metrics_with_a_warning(unlabelled_cache, tmp_path,
+                                                                                 test_split):
+    with pytest.warns(UserWarning, match=f"split '{test_split}' has (20|3) unlabelled items .*no test metrics"):
+        result = train(unlabelled_cache, tmp_path / "run", TrainConfig(epochs=3, device="cpu", test_split=test_split))
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert set(result.metrics) == {"val"} and "test" not in metrics and metrics["val"]["auroc"] is not None
+    rows = list(csv.DictReader(open(result.run_dir / "predictions_test.csv")))
+    assert [r["id"] for r in rows] == [f"{test_split}-{i}" for i in range(20)]
+    model = head_from_checkpoint(torch.load(result.run_dir / "head_best.pt", weights_only=True))
+    source = CachedFeatures(unlabelled_cache, pool="meanq", device=torch.device("cpu"))
+    probs = predict_split(model, source, test_split, torch.arange(20))[0].numpy()
+    saved = np.array([[float(r["p0"]), float(r["p1"])] for r in rows])
+    assert np.abs(probs - saved).max() <= 1e-5
+
+
+def test_sweep_and_cv_refit_with_an_unlabelled_test_split_predict_it_without_metrics(unlabelled_cache, tmp_path):
+    from headcache.cv import cross_validate
+    from headcache.sweep import sweep
+
+    base = TrainConfig(epochs=2, device="cpu", test_split="fresh")
+    with pytest.warns(UserWarning, match="split 'fresh' has 20 unlabelled items"):
+        swept = sweep(unlabelled_cache, tmp_path / "sweep", {"lr": [1e-3, 1e-4]}, base=base)
+    assert all(row["test_auroc"] is None and row["val_auroc"] is not None for row in swept.leaderboard)
+    for row in swept.leaderboard:
+        run_dir = tmp_path / "sweep" / "runs" / row["run"]
+        assert "test" not in json.loads((run_dir / "metrics.json").read_text())
+        assert len(list(csv.DictReader(open(run_dir / "predictions_test.csv")))) == 20
+    with pytest.warns(UserWarning, match="split 'fresh' has 20 unlabelled items"):
+        cv = cross_validate(unlabelled_cache, tmp_path / "cv", folds=2, base=base, refit=True)
+    [row] = cv.summary
+    assert row["refit_test_auroc"] is None and row["test_auroc_mean"] is None and row["val_auroc_mean"] is not None
+    refit = tmp_path / "cv" / "refit" / "seed=0"
+    assert "test" not in json.loads((refit / "metrics.json").read_text())
+    assert [r["id"] for r in csv.DictReader(open(refit / "predictions_test.csv"))] == [f"fresh-{i}" for i in range(20)]

@@ -3,7 +3,18 @@
 Everything here follows SEQSETVAE_KEYS.md, the key and computation reference
 shared beside the project (the section numbers below refer to it): the module names are the original ones, so a real
 checkpoint's ``state_dict`` loads with no key map, and the data rules are the
-fine-tuning script's, except that a missing label is an error instead of 0.
+fine-tuning script's, except for missing labels (the seed silently used 0).
+
+NOTE [ Patients without an oc.csv row ]
+Labels come from ``oc.csv``, one split at a time:
+- every patient of the split has a row: a labelled split;
+- no patient of the split has one (or there is no ``oc.csv`` beside
+  ``patient_ehr``): an unlabelled split (labels None; the cache stores -1), so
+  new patients can be extracted and predicted, and train refuses the split
+  as its train or val split;
+- only some lack one: an error naming them, since that is most likely a
+  mistake (a stale or cut oc.csv) that would silently shrink the labelled data.
+An ``--spec-opt oc=PATH`` that does not exist is an error: naming a file says it should be there.
 
 Batch layout (what `collate` returns and `SeqSetVAEBackbone.forward` takes)::
 
@@ -406,9 +417,10 @@ def _read_stats(path: Path) -> dict[str, tuple[np.float32, np.float32]]:
 
 @dataclass(frozen=True)
 class Outcomes:
-    """Labels from ``oc.csv``: ts_id -> in_hospital_mortality (a later duplicate wins)."""
+    """Labels from ``oc.csv``: ts_id -> in_hospital_mortality (a later duplicate wins); ``path`` None when
+    there is no oc.csv, so that every split is unlabelled (NOTE [ Patients without an oc.csv row ])."""
 
-    path: Path
+    path: Path | None
     labels: dict[int, int]
 
     @classmethod
@@ -429,6 +441,8 @@ class Outcomes:
 
     def label(self, path: Path) -> int | None:
         """The label of a patient file, found by its stem read as a number, or None."""
+        if self.path is None:
+            return None  # no oc.csv: nothing to match the file name against
         try:
             ts_id = int(float(path.name[: -len(".parquet")]))
         except (ValueError, OverflowError):
@@ -452,9 +466,11 @@ class PatientDataset(Dataset):
     """One split of the seed's data: one parquet file per patient.
 
     Items are ``(inputs, label, id)`` with ``inputs`` as in the module
-    docstring. Files are read when asked for (the end-to-end baseline reads
-    every patient every epoch, as the seed did); the variable table is shared.
-    Every label is checked here, so a missing one fails before any work.
+    docstring; ``label`` is None for every patient of an unlabelled split
+    (NOTE [ Patients without an oc.csv row ]). Files are read when asked for
+    (the end-to-end baseline reads every patient every epoch, as the seed
+    did); the variable table is shared. Every label is checked here, so a
+    missing one fails before any work.
 
     Parameters
     ----------
@@ -466,7 +482,7 @@ class PatientDataset(Dataset):
     Raises
     ------
     DataError
-        The folder has no patient files, or a patient has no row in oc.csv.
+        The folder has no patient files, or some of its patients (not all) have no row in oc.csv.
     """
 
     def __init__(self, split_dir: Path, variables: VariableTable, outcomes: Outcomes) -> None:
@@ -475,15 +491,16 @@ class PatientDataset(Dataset):
             raise DataError(f"{split_dir}: no .parquet patient files; expected one <ts_id>.parquet per patient")
         labels = [outcomes.label(path) for path in self.files]
         missing = [path for path, label in zip(self.files, labels) if label is None]
-        if missing:
+        if missing and len(missing) < len(self.files):  # NOTE [ Patients without an oc.csv row ]
             shown = ", ".join(str(p) for p in missing[:5])
             if len(missing) > 5:
                 shown += f" and {len(missing) - 5} more"
             raise DataError(
-                f"{shown}: no ts_id row in {outcomes.path}; add an in_hospital_mortality row for each "
-                "patient (or move its file out of the split)"
+                f"{shown}: no ts_id row in {outcomes.path}, while the other {len(self.files) - len(missing)} "
+                f"patients of {split_dir} have one; add an in_hospital_mortality row for each patient (or move "
+                "its file out of the split; a split none of whose patients has a row is read as unlabelled)"
             )
-        self.labels: list[int] = labels
+        self.labels: list[int | None] = labels
         self.ids = [path.name[: -len(".parquet")] for path in self.files]
         self.variables = variables
 
@@ -494,7 +511,7 @@ class PatientDataset(Dataset):
         """Events per patient from the parquet footers (no data read), for length bucketing."""
         return [_read_metadata(path).num_rows for path in self.files]
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int, str]:
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], int | None, str]:
         return load_patient(self.files[i], self.variables), self.labels[i], self.ids[i]
 
 
@@ -623,7 +640,8 @@ def make_spec(
     ----------
     data : str
         (Required.) Folder holding ``patient_ehr/{train,valid,test}/``; ``cached.csv``,
-        ``stats.csv`` and ``oc.csv`` default to its files of those names.
+        ``stats.csv`` and ``oc.csv`` default to its files of those names
+        (without an oc.csv there, every split is unlabelled).
     cached, stats, oc : str, optional
         Other paths for those tables.
     size : {"seed", "tiny"}
@@ -654,8 +672,10 @@ def make_spec(
         "stats": Path(stats) if stats else root / "stats.csv",
         "oc": Path(oc) if oc else root / "oc.csv",
     }
+    # NOTE [ Patients without an oc.csv row ]: no oc.csv beside patient_ehr means unlabelled data
+    unlabelled = oc is None and not paths["oc"].exists()
     for option, path in paths.items():
-        if not path.is_file():
+        if not path.is_file() and not (option == "oc" and unlabelled):
             raise DataError(
                 f"{path}: no such file; put {path.name} beside patient_ehr or pass --spec-opt {option}=PATH"
             )
@@ -666,7 +686,8 @@ def make_spec(
             f"input_dim={resolved['input_dim']} but {paths['cached']} has {variables.width}-d embeddings; "
             "drop the input_dim option or use a matching cached.csv"
         )
-    return SeqSetVAESpec(root, variables, Outcomes.load(paths["oc"]), resolved)
+    outcomes = Outcomes(None, {}) if unlabelled else Outcomes.load(paths["oc"])
+    return SeqSetVAESpec(root, variables, outcomes, resolved)
 
 
 def resolve_dims(size: str, overrides: Mapping[str, Any], input_dim: int) -> dict[str, int]:

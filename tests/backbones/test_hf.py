@@ -82,6 +82,7 @@ class TestExtractAndTrain:
         result = hf_extract(bert_folder, reviews_csv, cache)
         assert result.exit_code == 0, result.output
         assert "model_class: BertModel" in result.output and "truncated: {'train': 0" in result.output
+        assert f"from {bert_folder} [spec load()]" in "".join(result.output.split("\n"))  # escaped, not markup
         rows = rows_of(reviews_csv)
         with CacheReader(cache) as reader:
             assert reader.splits == ["train", "val", "test"] and reader.hidden_dim == 32
@@ -145,6 +146,12 @@ class TestData:
             assert split.labels.tolist() == [-1] * 10 and split.ids == [str(i) for i in range(10)]
             assert "class_names" not in reader.load_report["spec_report"]
             assert_cache_equals(split, transformers_states(bert_folder, texts))
+        # NOTE [ Unlabelled items ] in train.py: refused as the train split, by name and flag
+        result = run("train", "--cache", cache, "--out", tmp_path / "run", "--train-split", "fresh", "--val-split",
+                     "fresh", "--device", "cpu", "--quiet")
+        assert_user_error(result, "split 'fresh' is unlabelled: the train split needs a label for every item",
+                          "--train-split")
+        assert not (tmp_path / "run" / "metrics.json").exists()
 
     def test_string_labels_map_to_sorted_classes(self, tmp_path, bert_folder):
         texts, _ = synthetic_texts(9, seed=4)
@@ -234,6 +241,27 @@ class TestModelFolder:
             assert 0 < spec_report["truncated"]["test"] == cut
             assert_cache_equals(reader.split("test"), transformers_states(model_dir, texts, max_length=12))
 
+    def test_inspect_and_train_show_the_models_own_pooling(self, tmp_path, st_folder, reviews_csv):
+        cache = tmp_path / "c.h5"
+        assert hf_extract(st_folder, reviews_csv, cache).exit_code == 0
+        result = run("inspect", cache)
+        assert result.exit_code == 0, result.output
+        assert "this model was trained for mean pooling: try --pool mean" in " ".join(result.output.split())
+        result = run("train", "--cache", cache, "--out", tmp_path / "meanq", "--epochs", "1", "--device", "cpu",
+                     "--quiet")
+        assert result.exit_code == 0, result.output
+        assert ("warning: this model was trained for mean pooling: try --pool mean; this run uses --pool meanq"
+                in " ".join(result.output.split()))
+        result = run("train", "--cache", cache, "--out", tmp_path / "mean", "--epochs", "1", "--device", "cpu",
+                     "--pool", "mean", "--quiet")
+        assert result.exit_code == 0 and "trained for" not in result.output, result.output
+
+    def test_a_plain_folder_gets_no_pooling_advice(self, tmp_path, bert_folder, reviews_csv):
+        cache = tmp_path / "c.h5"
+        assert hf_extract(bert_folder, reviews_csv, cache, "--splits", "val").exit_code == 0
+        result = run("inspect", cache)
+        assert result.exit_code == 0 and "trained for" not in result.output, result.output
+
     def test_cls_pooling_of_a_new_sentence_transformers_config(self, tmp_path, st_folder):
         folder = tmp_path / "st"
         shutil.copytree(st_folder, folder)
@@ -294,5 +322,6 @@ class TestModelFolder:
         monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
         with pytest.raises(SpecError, match=re.escape("pip install 'headcache[hf]'")):
             resolve_spec("hf", {"data": str(reviews_csv)})
-        # the CLI prints messages as rich markup, which hides "[hf]" (reported to cli.py's owner)
-        assert_user_error(hf_extract(bert_folder, reviews_csv, tmp_path / "c.h5"), "--spec hf needs transformers")
+        # the CLI prints messages as rich markup: escaped, so "[hf]" is not taken for a style tag
+        assert_user_error(hf_extract(bert_folder, reviews_csv, tmp_path / "c.h5"),
+                          "--spec hf needs transformers, tokenizers and safetensors: pip install 'headcache[hf]'")

@@ -248,6 +248,18 @@ class TestSets:
         assert dataset.lengths() == [5, 3]
         assert [dataset[i][1:] for i in range(2)] == [(0, "200"), (1, "300.0")]
 
+    def test_a_split_none_of_whose_patients_has_a_row_is_unlabelled(self, tmp_path):
+        """NOTE [ Patients without an oc.csv row ]: new patients, to be predicted."""
+        patients = {"5": events(["a"], [1], [0]), "6": events(["b"], [1], [0])}
+        spec, dataset = load(write_root(tmp_path, patients, oc=[(100, 1), (101, 0)]))
+        assert dataset.labels == [None, None] and [dataset[i][1:] for i in range(2)] == [(None, "5"), (None, "6")]
+
+    def test_without_oc_csv_every_split_is_unlabelled(self, tmp_path):
+        root = write_root(tmp_path, {"5": events(["a"], [1], [0]), "x7": events(["b"], [1], [0])}, oc=[])
+        (root / "oc.csv").unlink()
+        dataset = make_spec(str(root), size="tiny").dataset("train")
+        assert dataset.labels == [None, None] and dataset.ids == ["5", "x7"]  # no ts_id to match: any name
+
     def test_collate_layout(self, tmp_path):
         patients = {
             "1": events(["a", "b", "a"], [1, 2, 3], [0, 0, 4]),
@@ -276,6 +288,16 @@ class TestErrors:
         message = str(error.value)
         assert "6.parquet" in message and "5.0.parquet" not in message
         assert str(root / "oc.csv") in message and "add" in message
+
+    def test_a_split_where_only_some_patients_lack_a_row_is_refused_naming_them(self, tmp_path):
+        """NOTE [ Patients without an oc.csv row ]: most likely a mistake, never read as unlabelled."""
+        patients = {str(i): events(["a"], [1], [0]) for i in range(1, 9)}
+        root = write_root(tmp_path, patients, oc=[(i, i % 2) for i in range(1, 9) if i not in (3, 7)])
+        with pytest.raises(DataError) as error:
+            make_spec(str(root), size="tiny").dataset("train")
+        message = str(error.value)
+        assert "3.parquet, " in message and "7.parquet: no ts_id row" in message and "1.parquet" not in message
+        assert "the other 6 patients" in message and "read as unlabelled" in message
 
     def test_empty_patient_file(self, tmp_path):
         root = write_root(tmp_path, {"5": events([], [], [])})
@@ -311,6 +333,11 @@ class TestErrors:
         with pytest.raises(DataError, match="no patient_ehr folder") as error:
             make_spec(str(tmp_path / "nowhere"))
         assert "cached.csv" in str(error.value)
+
+    def test_a_named_oc_csv_that_does_not_exist_is_an_error(self, tmp_path):
+        root = write_root(tmp_path, {"5": events(["a"], [1], [0])})
+        with pytest.raises(DataError, match=r"elsewhere\.csv: no such file.*--spec-opt oc="):
+            make_spec(str(root), oc=str(tmp_path / "elsewhere.csv"))
 
     def test_missing_table(self, tmp_path):
         root = write_root(tmp_path, {"5": events(["a"], [1], [0])})
@@ -359,3 +386,49 @@ class TestSpec:
         spec = make_spec(str(write_root(tmp_path, {"5": events(["a"], [1], [0])})), size="tiny")
         assert (spec.name, spec.splits, spec.num_classes, len(spec.class_names)) == (
             "seqsetvae", ("train", "valid", "test"), 2, 2)
+
+
+def test_new_patients_without_oc_rows_extract_as_unlabelled_and_predict(tmp_path, tiny_demo):
+    """NOTE [ Patients without an oc.csv row ], end to end through the CLI: the test split has no rows, so it
+    is extracted unlabelled; train keeps its predictions without test metrics (and says so); an exported
+    model predicts those patients with the run's own probabilities."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from headcache.cli import app
+    from headcache.store import CacheReader
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo.data_dir, data)
+    test_ids = {int(float(p.name[: -len(".parquet")])) for p in (data / "patient_ehr" / "test").glob("*.parquet")}
+    with open(data / "oc.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(float(r["ts_id"])) not in test_ids]
+    _write_csv(data / "oc.csv", ["ts_id", "in_hospital_mortality"], [(r["ts_id"], r["in_hospital_mortality"])
+                                                                      for r in rows])
+    runner = CliRunner(env={"COLUMNS": "200"})
+    invoke = lambda *args: runner.invoke(app, [str(a) for a in args])  # noqa: E731
+    options = ["--spec-opt", f"data={data}", "--spec-opt", "size=tiny"]
+    cache, run_dir, model, preds = tmp_path / "c.h5", tmp_path / "run", tmp_path / "model.pt", tmp_path / "p.csv"
+    result = invoke("extract", "--spec", "seqsetvae", "--checkpoint", tiny_demo.checkpoint, "--out", cache,
+                    "--device", "cpu", "--dtype", "float32", *options)
+    assert result.exit_code == 0, result.output
+    with CacheReader(cache) as reader:
+        test = reader.split("test")
+        assert test.n == len(test_ids) and test.labels.tolist() == [-1] * test.n
+        assert set(reader.split("train").labels.tolist()) == {0, 1}
+    result = invoke("train", "--cache", cache, "--out", run_dir, "--epochs", "2", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "no test metrics" in " ".join(result.output.split())
+    assert "test" not in json.loads((run_dir / "metrics.json").read_text())
+    result = invoke("export", "--spec", "seqsetvae", "--checkpoint", tiny_demo.checkpoint, "--run", run_dir,
+                    "--out", model, *options)
+    assert result.exit_code == 0, result.output
+    result = invoke("predict", "--model", model, "--split", "test", "--out", preds, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with open(preds, newline="") as a, open(run_dir / "predictions_test.csv", newline="") as b:
+        mine, theirs = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["id"] for r in mine] == [r["id"] for r in theirs] and len(mine) == len(test_ids)
+    assert all(r["label"] == "" for r in mine)
+    assert max(abs(float(x[f"p{c}"]) - float(y[f"p{c}"])) for x, y in zip(mine, theirs) for c in (0, 1)) <= 1e-4
