@@ -38,6 +38,7 @@ from headcache.pooling import create_pool
 from headcache.rundir import RUN, FoldRun, Output, RefitRun, RunRecord, SweepRun, save_run, write_record
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
+DEFAULT_TEST_SPLIT = TrainConfig().test_split  # used when the cache has it; another name must exist
 # The flag that names each role's split, for messages.
 SPLIT_FLAGS = {"train": "--train-split", "val": "--val-split"}
 
@@ -354,6 +355,9 @@ def resolve_splits(config: TrainConfig, available: Sequence[str]) -> tuple[str, 
     if missing:
         raise ConfigError(f"the cache has no split {missing[0]!r} (it has {', '.join(available)})")
     test = config.test_split if config.test_split in available else None
+    if test is None and config.test_split not in (None, DEFAULT_TEST_SPLIT):  # the default may be absent
+        raise ConfigError(f"--test-split {config.test_split}: the cache has no such split (it has "
+                          f"{', '.join(available)}); name one of them, or leave --test-split out")
     return config.train_split, val, test
 
 
@@ -419,6 +423,9 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
                             memory_budget=config.memory_budget)
     splits = resolve_splits(config, source.splits)
+    if splits[2] is not None and len(source.labels(splits[2])) == 0:  # nothing to score or predict
+        warnings.warn(f"split {splits[2]!r} has no sequences: the run has no test metrics", UserWarning, stacklevel=2)
+        splits = (splits[0], splits[1], None)
     output = Output(out, RUN, overwrite=overwrite)
     num_classes = num_classes_of(source, splits)
     record = run_record(source, config, splits, num_classes)
