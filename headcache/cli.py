@@ -83,8 +83,11 @@ def _user_errors(ctx: typer.Context) -> Iterator[None]:
         except KeyboardInterrupt as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            kept = str(exc) or _INTERRUPTED.get(ctx.info_name, "run the same command again to start over")
-            errors.print(f"[bold yellow]interrupted:[/bold yellow] {kept}", highlight=False)
+            if str(exc):  # the library's RunInterrupted says what was kept, in its own words
+                errors.print(escape(str(exc)), highlight=False)
+            else:
+                kept = _INTERRUPTED.get(ctx.info_name, "run the same command again to start over")
+                errors.print(f"[bold yellow]interrupted:[/bold yellow] {escape(kept)}", highlight=False)
             raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
         finally:
             if in_main:
