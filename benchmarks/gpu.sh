@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 device=${1:-cuda}
 if [ "$device" = cpu ]; then  # a smoke run: its results are named *_smoke and say nothing about speed
-    patients=200; epochs=3; extract_patients=200; sweep_epochs=3; repeats=1; tag=_smoke
+    patients=100; epochs=2; extract_patients=100; sweep_epochs=2; repeats=1; tag=_smoke
 else
     patients=4000; epochs=10; extract_patients=2000; sweep_epochs=30; repeats=3; tag=
 fi
