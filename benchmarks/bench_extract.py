@@ -43,11 +43,11 @@ def bare_forward(spec, checkpoint: Path, config: ExtractConfig, split: str) -> i
     runner = _Runner(spec, backbone.to(device), device, config)
     dataset = spec.dataset(split)
     batches = bucketed_batches(range(len(dataset)), dataset.lengths(), config.batch_size)
-    loader = DataLoader(_Indexed(dataset), batch_sampler=batches, collate_fn=_Collate(spec),
+    loader = DataLoader(_Indexed(dataset, split), batch_sampler=batches, collate_fn=_Collate(spec, split),
                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     seen = 0
     for indices, batch, _, _ in loader:
-        hidden, _ = runner.encode(batch)
+        hidden, _ = runner.encode(batch, len(indices))
         seen += len(indices)
     if device.type == "cuda":
         torch.cuda.synchronize()
