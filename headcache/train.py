@@ -423,7 +423,8 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
                             memory_budget=config.memory_budget)
     splits = resolve_splits(config, source.splits)
-    if splits[2] is not None and len(source.labels(splits[2])) == 0:  # nothing to score or predict
+    sizes = {split: len(source.labels(split)) for split in splits if split}  # in order: the train split's errors first
+    if splits[2] is not None and sizes[splits[2]] == 0:  # nothing to score or predict
         warnings.warn(f"split {splits[2]!r} has no sequences: the run has no test metrics", UserWarning, stacklevel=2)
         splits = (splits[0], splits[1], None)
     output = Output(out, RUN, overwrite=overwrite)
