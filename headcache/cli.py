@@ -102,6 +102,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} {item!r}: expected key=value")
+        if key in pairs and pairs[key] != value:  # the later one would silently win
+            raise ConfigError(f"{flag} {key} is given twice ({key}={pairs[key]} and {key}={value}); give it once")
         pairs[key] = value
     return pairs
 

@@ -32,6 +32,10 @@ class OutputExistsError(HeadcacheError, FileExistsError):
     """An output path exists and `overwrite` was not given."""
 
 
+class OutputWriteError(HeadcacheError, OSError):
+    """An output file or directory could not be written (a full disk, a file size limit, a path through a file)."""
+
+
 class NonFiniteError(HeadcacheError, ValueError):
     """The backbone produced NaN or Inf for a sequence."""
 

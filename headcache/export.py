@@ -26,8 +26,15 @@ from headcache.checkpoint import fingerprint
 from headcache.devices import resolve_device, to_device
 from headcache.errors import CheckpointError, ConfigError, FingerprintMismatchError, OutputExistsError
 from headcache.pooling import head_inputs
-from headcache.rundir import head_from_checkpoint, read_head, read_record, replaced_atomically, write_predictions
-from headcache.spec import load_backbone, load_from_spec, resolve_spec
+from headcache.rundir import (
+    head_from_checkpoint,
+    read_head,
+    read_record,
+    refuse_inputs,
+    replaced_atomically,
+    write_predictions,
+)
+from headcache.spec import load_backbone, load_from_spec, resolve_spec, spec_member, spec_splits
 
 MODEL_FORMAT = "headcache-model"
 
@@ -73,8 +80,9 @@ def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Pa
     OutputExistsError
         ``out`` exists and ``overwrite`` is False.
     """
-    out = _output_file(out, overwrite, protect=())
     run_dir = Path(run_dir)
+    out = _output_file(out, overwrite, protect=(("--checkpoint", checkpoint), ("--run", run_dir / "config.json"),
+                                                ("--run", run_dir / "head_best.pt")))
     if not (run_dir / "config.json").is_file() and (run_dir / "runs").is_dir():
         raise CheckpointError(f"--run {run_dir} is a sweep or cv directory; pass one of its runs, e.g. "
                               f"{next(p for p in sorted((run_dir / 'runs').iterdir()))}")
@@ -97,16 +105,15 @@ def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Pa
     return ExportResult(out, report.fingerprint, head["epoch"])
 
 
-def _output_file(out: str | Path, overwrite: bool, *, protect: tuple[Path, ...]) -> Path:
+def _output_file(out: str | Path, overwrite: bool, *, protect: tuple[tuple[str, Any], ...]) -> Path:
     """``out`` checked before any work: its folder exists, it is not a folder, not one of ``protect``
-    (the files the command reads), and it is new unless ``overwrite``."""
+    (the (flag, path) the command reads: `refuse_inputs`), and it is new unless ``overwrite``."""
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist; create it first")
     if out.is_dir():
         raise OutputExistsError(f"--out {out} is a folder; give a file name")
-    if any(out.exists() and p.exists() and out.samefile(p) for p in protect):
-        raise OutputExistsError(f"--out {out} is the file this command reads; choose another name")
+    refuse_inputs(out, protect)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     return out
@@ -169,14 +176,20 @@ def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | 
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size!r}: give an integer >= 1")
-    out = _output_file(out, overwrite, protect=(Path(model_path),))
+    out = _output_file(out, overwrite, protect=(("--model", model_path),))
     model = load_model(model_path, spec=spec, spec_options=spec_options, device=device)
-    dataset = model.spec.dataset(split)
+    available = spec_splits(model.spec)
+    if split not in available:  # as extract's --splits: the spec declares its splits
+        raise ConfigError(f"--split {split!r}: the spec has no such split; it has {', '.join(available)}")
+    with spec_member("dataset", f"split {split!r}"):
+        dataset = model.spec.dataset(split)
     target = next(model.head.parameters()).device
-    loader = DataLoader(range(len(dataset)), batch_size=batch_size, collate_fn=lambda rows: [dataset[i] for i in rows])
+    loader = DataLoader(range(len(dataset)), batch_size=batch_size, collate_fn=lambda rows: _items(dataset, rows, split))
     ids, labels, probs = [], [], []
     for items in loader:
-        probs.append(model(to_device(model.spec.collate([item[0] for item in items]), target)).cpu())
+        with spec_member("collate", f"{len(items)} item(s) of split {split!r}"):
+            batch = model.spec.collate([item[0] for item in items])
+        probs.append(model(to_device(batch, target)).cpu())
         ids += [item[2] for item in items]
         labels += [None if item[1] is None else int(item[1]) for item in items]  # a tensor label as its number
         if on_batch is not None:
@@ -184,3 +197,12 @@ def predict(model_path: str | Path, split: str, out: str | Path, *, spec: str | 
     classes = model.head.bank.num_classes
     write_predictions(out, ids, torch.cat(probs).numpy() if probs else np.empty((0, classes)), labels=labels)
     return out
+
+
+def _items(dataset: Any, rows: list[int], split: str) -> list:
+    """Items ``rows`` of the spec's dataset, an exception inside it a SpecError naming the item."""
+    items = []
+    for i in rows:
+        with spec_member("dataset", f"item {i} of split {split!r}"):
+            items.append(dataset[i])
+    return items

@@ -53,6 +53,7 @@ from headcache.errors import (
     SpecError,
 )
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
+from headcache.rundir import refuse_inputs
 from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_layers, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range
 
@@ -216,6 +217,7 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     >>> extract("demo", "demo_out/backbone.ckpt", "cache/demo.h5")  # doctest: +SKIP
     """
     started = time.perf_counter()
+    refuse_inputs(out, [("--checkpoint", checkpoint)])  # before --overwrite could replace the weights with a cache
     spec_text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
     if isinstance(spec, str):
         spec = resolve_spec(spec, spec_options)

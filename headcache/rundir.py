@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fnmatch
 import json
 import math
@@ -40,9 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from headcache.config import TrainConfig
-from headcache.errors import CheckpointError, OutputExistsError, RunInterrupted
+from headcache.errors import CheckpointError, HeadcacheError, OutputExistsError, OutputWriteError, RunInterrupted
 from headcache.head import HeadModel, get_head
 from headcache.pooling import create_pool
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no directory locks there (NOTE [ One writer per directory ])
+    fcntl = None
 
 if TYPE_CHECKING:  # for type hints only: the loop sits above this module
     from headcache.train import FitResult
@@ -59,7 +65,16 @@ _TEMP = ".*.tmp-*"  # names of temporary files being written (see `replaced_atom
 @contextlib.contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, the file written there replaces
-    ``path`` in one rename. On failure the temporary file goes and ``path`` is untouched."""
+    ``path`` in one rename. On failure the temporary file goes and ``path`` is untouched.
+
+    Raises
+    ------
+    OutputWriteError
+        The file could not be written (a full disk, a file size limit, no permission): naming it, with the
+        fix. torch.save reports a short write as a RuntimeError, matplotlib and csv as an OSError; every
+        file of a run, a prediction and a model is written here, so this is the one place that turns them
+        into a message.
+    """
     path = Path(path)
     temp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # same suffix: writers infer formats
     try:
@@ -67,8 +82,43 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
         os.replace(temp, path)
+    except HeadcacheError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).strip().splitlines()
+        raise OutputWriteError(f"cannot write {path} ({type(exc).__name__}: {reason[0] if reason else 'no reason'})"
+                               "; free space on its disk (or raise the file size limit, ulimit -f) or make its "
+                               "folder writable, then run the same command again") from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def refuse_inputs(out: str | Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an existing ``out`` that is a file the command reads, or lies inside a folder it reads: with
+    ``--overwrite`` it would be replaced by the output, and the input lost.
+
+    Parameters
+    ----------
+    inputs : iterable of (flag, path)
+        What the command reads, with the flag that names it (a None path is skipped).
+
+    Raises
+    ------
+    OutputExistsError
+        Naming --out, the flag and the input.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    for flag, source in inputs:
+        if source is None or not Path(source).exists():
+            continue
+        source = Path(source)
+        inside = source.is_dir() and out.resolve().is_relative_to(source.resolve())
+        if inside or out.samefile(source):
+            where = "lies inside" if inside else "is"
+            raise OutputExistsError(f"--out {out} {where} {flag} {source}, the file this command reads; choose "
+                                    "another name (--overwrite would destroy it)")
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -122,38 +172,82 @@ def is_complete(folder: Path, layout: Layout = RUN) -> bool:
     return (Path(folder) / layout.last).is_file()
 
 
+# NOTE [ One writer per directory ]
+# Two commands writing one --out at once would each replace the other's files
+# (both exit 0; the directory ends with one run's heads beside the other's
+# config, or one finished run silently replaced by the other). `Output` holds
+# an exclusive flock on the directory while its command writes it, and decides
+# what to do with the directory (NOTE [ Finished run directories ]) again once
+# it holds the lock; a second writer is refused at once. A file system without
+# flock (some network mounts) gives no lock, as HDF5 gives none there either.
+
+
+def _lock_directory(folder: Path) -> int | None:
+    """An open descriptor of ``folder`` holding its exclusive lock (None where locks are not supported).
+
+    Raises
+    ------
+    OutputExistsError
+        Another process holds the lock: it is writing ``folder`` now.
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OutputExistsError(f"--out {folder}: another process is writing this directory now; wait for it "
+                                    "to finish, or choose another directory") from None
+        return None  # no locks on this file system
+    return fd
+
+
 class Output:
     """The directory a command writes, decided before any work (NOTE [ Finished run directories ]).
 
     Use as ``with Output(out, RUN, overwrite=...) as folder:`` and write into
     ``folder``: ``out`` itself, or a staging sibling swapped in when the block
     succeeds. An interrupt (SIGINT, or SIGTERM as the CLI turns it) becomes
-    `RunInterrupted`, whose message says what was kept.
+    `RunInterrupted`, whose message says what was kept. ``out`` given as a
+    symbolic link means the directory it points to: the link stays a link.
+    While the block runs, the directory is locked (NOTE [ One writer per
+    directory ]).
 
     Raises
     ------
     OutputExistsError
         ``out`` is a file; or it holds a complete run or other files and
-        ``overwrite`` is False; or it holds files that are not ours.
+        ``overwrite`` is False; or it holds files that are not ours; or
+        another process is writing it.
+    OutputWriteError
+        ``out`` cannot be created (a folder on its path is a file, or not writable).
     """
 
     def __init__(self, out: str | Path, layout: Layout, *, overwrite: bool):
-        self.final, self.layout = Path(out), layout
+        out = Path(out)
+        self.final = out.resolve() if out.is_symlink() else out  # swap the directory, never the link
+        self.layout, self.overwrite = layout, overwrite
         self.staging = self.final.with_name(f".{self.final.name}.replacing")
         self.previous = self.final.with_name(f".{self.final.name}.replaced")
+        self._lock: int | None = None
+        self._decide()  # refused before any work; decided again under the lock in __enter__
+
+    def _decide(self) -> None:
         if not self.final.exists() and self.previous.is_dir():  # a swap was cut between its two renames
             os.replace(self.previous, self.final)
         if self.final.exists() and not self.final.is_dir():
             raise OutputExistsError(f"--out {self.final} is a file; give a directory")
         entries = list(self.final.iterdir()) if self.final.is_dir() else []
-        foreign = foreign_entries(self.final, layout) if entries else []
+        foreign = foreign_entries(self.final, self.layout) if entries else []
         if foreign:
             raise OutputExistsError(f"--out {self.final} holds files that headcache did not write "
                                     f"({foreign[0].relative_to(self.final)}); --overwrite replaces only "
                                     "headcache's own directories: choose another directory")
-        complete = bool(entries) and is_complete(self.final, layout)
-        unfinished = bool(entries) and not complete and (self.final / layout.first).exists()
-        if entries and not unfinished and not overwrite:
+        complete = bool(entries) and is_complete(self.final, self.layout)
+        unfinished = bool(entries) and not complete and (self.final / self.layout.first).exists()
+        if entries and not unfinished and not self.overwrite:
             what = "holds a complete run" if complete else "already exists and is not empty"
             raise OutputExistsError(f"--out {self.final} {what}; pass --overwrite to replace it, or choose "
                                     "another directory")
@@ -162,28 +256,47 @@ class Output:
         self.path = self.staging if self.staged else self.final
 
     def __enter__(self) -> Path:
-        if self.staged:
-            if self.staging.exists():  # left by an --overwrite that was killed: never complete, ours by name
-                shutil.rmtree(self.staging)
-            self.staging.mkdir()
-        elif self.clear:  # an unfinished run of ours: the same command starts it again
-            for entry in self.final.iterdir():
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        self.final.mkdir(parents=True, exist_ok=True)
+        try:
+            self.final.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputWriteError(f"--out {self.final}: cannot create this directory ({exc.strerror}: "
+                                   f"{exc.filename}); give a path whose folders are directories you can write"
+                                   ) from None
+        self._lock = _lock_directory(self.final)
+        try:
+            self._decide()  # again, under the lock: another process may have written it since __init__
+            if self.staged:
+                if self.staging.exists():  # left by an --overwrite that was killed: never complete, ours by name
+                    shutil.rmtree(self.staging)
+                self.staging.mkdir()
+            elif self.clear:  # an unfinished run of ours: the same command starts it again
+                for entry in self.final.iterdir():
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        except BaseException:
+            self._unlock()
+            raise
         return self.path
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is None:
-            if self.staged:  # swap: the previous run stays whole until the new one is
-                shutil.rmtree(self.previous, ignore_errors=True)
-                os.replace(self.final, self.previous)
-                os.replace(self.staging, self.final)
-                shutil.rmtree(self.previous)
-            return
-        if self.staged:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
-            raise RunInterrupted(self.interrupted_message()) from error
+        try:
+            if error is None:
+                if self.staged:  # swap: the previous run stays whole until the new one is
+                    shutil.rmtree(self.previous, ignore_errors=True)
+                    os.replace(self.final, self.previous)
+                    os.replace(self.staging, self.final)
+                    shutil.rmtree(self.previous)
+                return
+            if self.staged:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+                raise RunInterrupted(self.interrupted_message()) from error
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases its lock
+            self._lock = None
 
     def interrupted_message(self) -> str:
         if self.staged:

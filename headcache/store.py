@@ -75,6 +75,7 @@ This module imports h5py, numpy and torch tensors (for `round_through`), never m
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -281,6 +282,7 @@ class CacheWriter:
             if not self.path.is_file():
                 raise OutputExistsError(f"{self.path} exists and is not a file; choose another --out")
             _refuse_if_written_elsewhere(self.path)
+            _remove_stale_temporaries(self.path)
             fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             os.close(fd)
             shutil.copymode(self.path, temporary)  # the replacement keeps the file's permissions
@@ -1460,6 +1462,27 @@ def _ensure_space(path: Path, needed: int, split: str, k: int, committed: int) -
 
 def _mib(count: int) -> str:
     return f"{count / (1 << 20):.1f} MiB"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of replacements of ``path`` that no process writes any more (NOTE [ Atomic
+    replacement ]): a replacement killed by SIGKILL leaves its ``.NAME.*.tmp`` behind, of the cache's size.
+
+    A live writer holds HDF5's exclusive lock on its temporary, so one that opens read-only is abandoned.
+    Without HDF5's file locking (``HDF5_USE_FILE_LOCKING=FALSE``) a live writer cannot be told apart, so
+    nothing is deleted.
+    """
+    if os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"):
+        return
+    for temporary in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            with h5py.File(temporary, "r"):
+                pass
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES) and "lock" in str(exc):
+                continue  # another replacement is writing it now
+            # not an HDF5 file: killed before HDF5 wrote its header, or cut short
+        temporary.unlink(missing_ok=True)
 
 
 def _refuse_if_written_elsewhere(path: Path) -> None:

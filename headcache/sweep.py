@@ -42,7 +42,16 @@ from headcache.rundir import (
     write_record,
     write_table,
 )
-from headcache.train import FitResult, HeadTask, bank_key, fit, num_classes_of, resolve_splits, run_record
+from headcache.train import (
+    FitResult,
+    HeadTask,
+    bank_key,
+    fit,
+    num_classes_of,
+    require_classes,
+    resolve_splits,
+    run_record,
+)
 
 EpochHook = Callable[[int, dict[str, dict]], None]
 GRID_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
@@ -274,6 +283,8 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
     sources = FeatureSources(cache)
     first = sources(heads[0].config)
     splits = {head.name: resolve_splits(head.config, first.splits) for head in heads}
+    for train_split in sorted({names[0] for names in splits.values()}):
+        require_classes(first.labels(train_split), train_split)
     num_classes = num_classes_of(first, sorted({s for names in splits.values() for s in names if s}))
     banks = group_banks(((bank_key(h.config), splits[h.name], FeatureSources.key(h.config)), h.name,
                          HeadTask(h.config, *_split_rows(first, splits[h.name]))) for h in heads)

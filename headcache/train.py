@@ -240,6 +240,24 @@ def require_labels(labels: Tensor | np.ndarray, split: str, flag: str, *, use: s
                         "split, which then gets predictions without metrics)")
 
 
+def require_classes(labels: Tensor | np.ndarray, split: str) -> None:
+    """Refuse a train split whose labelled items are all of one class: a head trained on it cannot learn to
+    tell classes apart, and its metrics would only restate the class balance of the other splits (cv refuses
+    the same for its folds). Unlabelled items are `require_labels`'s to refuse.
+
+    Raises
+    ------
+    DataError
+        Naming the split, its one class, and --train-split.
+    """
+    labels = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    classes = np.unique(labels[labels >= 0])
+    if len(classes) == 1:
+        raise DataError(f"split {split!r} holds one class only (label {int(classes[0])} for all {len(labels)} "
+                        "items): a head cannot learn to separate classes from it; name a split that holds two or "
+                        "more with --train-split")
+
+
 def _choose_monitor(val_labels: np.ndarray, split: str) -> str:
     if len(np.unique(val_labels)) < 2:
         warnings.warn(f"split {split} holds one class, so val AUROC is undefined: early stopping "
@@ -358,6 +376,10 @@ def resolve_splits(config: TrainConfig, available: Sequence[str]) -> tuple[str, 
     if test is None and config.test_split not in (None, DEFAULT_TEST_SPLIT):  # the default may be absent
         raise ConfigError(f"--test-split {config.test_split}: the cache has no such split (it has "
                           f"{', '.join(available)}); name one of them, or leave --test-split out")
+    for flag, role, split in (("--val-split", "validation", val), ("--test-split", "test", test)):
+        if split == config.train_split:  # early stopping or test metrics on the rows the head learns from
+            raise ConfigError(f"{flag}: the {role} split {split!r} is the train split, so it would score the rows "
+                              f"the head trains on; name another split with {flag} (or another --train-split)")
     return config.train_split, val, test
 
 
@@ -424,6 +446,7 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
                             memory_budget=config.memory_budget)
     splits = resolve_splits(config, source.splits)
     sizes = {split: len(source.labels(split)) for split in splits if split}  # in order: the train split's errors first
+    require_classes(source.labels(splits[0]), splits[0])
     if splits[2] is not None and sizes[splits[2]] == 0:  # nothing to score or predict
         warnings.warn(f"split {splits[2]!r} has no sequences: the run has no test metrics", UserWarning, stacklevel=2)
         splits = (splits[0], splits[1], None)
