@@ -1027,3 +1027,216 @@ def test_held_a_spec_that_is_not_padding_invariant_is_warned(tmp_path, toy_check
     result = run(*extract_args(tmp_path / "cache.h5", toy_checkpoint, "--dtype", "float32", mode="pad_dependent"))
     assert_ok(result)
     assert "padding-invariant" in result.output
+
+
+# ---- second hostile pass
+# Cases found by trying the project again as a hostile user would, beyond the 16 items above: one test each,
+# named test_hostile_<what>.
+
+
+def test_hostile_out_under_a_file_is_a_clear_error(cache):
+    """train --out CACHE.h5/run (a folder on the path is a file): one message naming --out (today a
+    NotADirectoryError traceback from mkdir), the file byte-identical."""
+    before = sha256(cache)
+    assert_clean_error(run("train", "--cache", cache, "--out", cache / "run", *TRAIN), "--out", "Not a directory")
+    assert sha256(cache) == before
+
+
+def test_hostile_out_symlink_to_a_complete_run_is_replaced_through_the_link(tmp_path, toy_cache):
+    """train --overwrite into a symbolic link to a complete run: the run it points to is replaced, the link stays
+    a link (today the swap renames the link itself, then rmtree refuses the renamed link: a traceback, the link
+    replaced by a directory and a dangling .NAME.replaced link left)."""
+    target, link = tmp_path / "runs" / "a", tmp_path / "latest"
+    assert_ok(run("train", "--cache", toy_cache, "--out", target, *TRAIN))
+    link.symlink_to(target, target_is_directory=True)
+    before = json.loads((target / "config.json").read_text())["train"]["lr"]
+    assert_ok(run("train", "--cache", toy_cache, "--out", link, "--overwrite", "--lr", "1e-2", *TRAIN))
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads((target / "config.json").read_text())["train"]["lr"] == 1e-2 != before
+    assert (target / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "runs"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a"]
+
+
+def test_hostile_two_trains_into_one_out_the_second_is_refused(tmp_path, slow_cache):
+    """A second train into the --out a running train writes: refused saying another process writes it; the first
+    finishes its own run (today the second clears the first's files and both exit 0: the first's finished run is
+    silently replaced, or the two runs' files are mixed)."""
+    out = tmp_path / "run"
+    first = cli_process("train", "--cache", slow_cache, "--out", out, "--lr", "1e-2", *SLOW_TRAIN)
+    try:
+        wait_for((out / "config.json").exists, process=first)
+        second = run("train", "--cache", slow_cache, "--out", out, "--lr", "1e-3", *SLOW_TRAIN)
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert_clean_error(second, "--out", "another process")
+    assert first.returncode == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["lr"] == 1e-2
+    head = torch.load(out / "head_best.pt", weights_only=True)
+    assert head["config"]["lr"] == 1e-2 and (out / "metrics.json").is_file()
+
+
+def test_hostile_predict_a_split_the_spec_lacks(tmp_path, toy_model):
+    """predict --split nosuch: one message naming --split and the spec's splits (today the spec's KeyError as a
+    traceback); no csv written."""
+    _, model = toy_model
+    out = tmp_path / "preds.csv"
+    assert_clean_error(run("predict", "--model", model, "--split", "nosuch", "--out", out, "--device", "cpu"),
+                       "--split", "nosuch", "train, val, test")
+    assert not out.exists()
+
+
+def _one_class_cache(path: Path) -> Path:
+    """A float32 cache whose train split holds label 0 only (val and test hold both classes)."""
+    from headcache.pooling import PARAMETER_FREE_POOLS, pool_parameter_free
+    from headcache.store import CacheWriter
+
+    rng, d = np.random.default_rng(0), 8
+    attrs = {"backbone_fingerprint": "one", "spec": "one", "checkpoint_sha256": "", "hidden_dim": d,
+             "dtype": "float32", "load_report": {}}
+    with CacheWriter(path, attrs) as writer:
+        for name in ("train", "val", "test"):
+            split = writer.split(name, 32, list(PARAMETER_FREE_POOLS))
+            labels = np.zeros(32, np.int64) if name == "train" else np.arange(32) % 2
+            tokens = [rng.standard_normal((int(rng.integers(2, 7)), d)).astype(np.float32) for _ in labels]
+            pooled = {pool: np.stack([pool_parameter_free(pool, torch.from_numpy(t)[None],
+                                                          torch.ones(1, len(t), dtype=torch.bool))[0].numpy()
+                                      for t in tokens]) for pool in PARAMETER_FREE_POOLS}
+            split.write(tokens, labels, [f"{name}-{i}" for i in range(32)], pooled)
+            split.finish()
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_hostile_a_train_split_of_one_class_is_refused(tmp_path, command):
+    """Every train label 0: refused naming the split and --train-split, as cv refuses such folds (today train and
+    sweep exit 0 with a head that can only answer one class)."""
+    cache = _one_class_cache(tmp_path / "cache.h5")
+    result = run(command, "--cache", cache, "--out", tmp_path / "out", *TRAIN)
+    assert_clean_error(result, "'train'", "one class", "--train-split")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--val-split", "--test-split"])
+def test_hostile_val_or_test_split_equal_to_the_train_split_is_refused(tmp_path, toy_cache, flag):
+    """--val-split train (or --test-split train): early stopping or test metrics would score the rows the head
+    trains on; refused naming the flag (today a run with inflated metrics, exit 0)."""
+    result = run("train", "--cache", toy_cache, "--out", tmp_path / "run", flag, "train", *TRAIN)
+    assert_clean_error(result, flag, "train split")
+    assert not (tmp_path / "run").exists()
+
+
+def test_hostile_spec_opt_given_twice_is_refused(tmp_path, toy_checkpoint):
+    """--spec-opt n=8 --spec-opt n=9: refused naming the key (today the later one wins silently)."""
+    path = tmp_path / "cache.h5"
+    assert_clean_error(run(*extract_args(path, toy_checkpoint, "--spec-opt", "n=9", n=8)), "--spec-opt n", "twice")
+    assert not path.exists()
+
+
+def _protected(tmp_path, toy_model, toy_checkpoint, which):
+    run_dir, model = toy_model
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoint = tmp_path / "backbone.pt"
+    shutil.copy(toy_checkpoint, checkpoint)
+    export_args = ["export", "--spec", BAD, "--checkpoint", checkpoint, "--run", copy, *opts(n=24), "--overwrite"]
+    cases = {
+        "extract_out_is_the_checkpoint": (extract_args(checkpoint, checkpoint, "--overwrite", n=8), checkpoint),
+        "export_out_is_the_checkpoint": (export_args + ["--out", checkpoint], checkpoint),
+        "export_out_is_the_runs_head": (export_args + ["--out", copy / "head_best.pt"], copy / "head_best.pt"),
+    }
+    return cases[which]
+
+
+@pytest.mark.parametrize("which", ["extract_out_is_the_checkpoint", "export_out_is_the_checkpoint",
+                                   "export_out_is_the_runs_head"])
+def test_hostile_out_onto_an_input_is_refused_even_with_overwrite(tmp_path, toy_model, toy_checkpoint, which):
+    """--out naming a file the command reads (the backbone checkpoint, the run's head): refused even with
+    --overwrite, the input byte-identical (today it is replaced by the cache or model, exit 0; without
+    --overwrite extract's refusal even suggested --overwrite)."""
+    args, victim = _protected(tmp_path, toy_model, toy_checkpoint, which)
+    before = sha256(victim)
+    assert_clean_error(run(*args), "--out", "choose another name")
+    assert sha256(victim) == before
+
+
+def _full_disk_run(tmp_path, toy_cache, toy_model, toy_checkpoint, command):
+    """(args, file size limit) of a command whose largest output file passes the limit (EFBIG, as a full disk)."""
+    run_dir, model = toy_model
+    return {
+        "train": (["train", "--cache", toy_cache, "--out", tmp_path / "out", *TRAIN], 16_000),  # curves.png
+        "sweep": (["sweep", "--cache", toy_cache, "--out", tmp_path / "out", "--grid", "lr=1e-3,1e-2", *TRAIN],
+                  16_000),
+        "export": (["export", "--spec", BAD, "--checkpoint", toy_checkpoint, "--run", run_dir, "--out",
+                    tmp_path / "model.pt", *opts(n=24)], 4_000),  # the model file is about 8 KB
+        "predict": (["predict", "--model", model, "--split", "test", "--out", tmp_path / "preds.csv", "--device",
+                     "cpu"], 300),  # the csv is about 700 bytes
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "export", "predict"])
+def test_hostile_a_full_disk_while_writing_outputs_is_a_clear_error(tmp_path, toy_cache, toy_model, toy_checkpoint,
+                                                                    command):
+    """Run files, tables, plots, models and predictions that hit a file size limit (EFBIG, as on a full disk):
+    exit 1 with one message naming the file and the fix (today a Python traceback: OSError from matplotlib
+    and csv, RuntimeError from torch.save); no temporary file left."""
+    args, limit = _full_disk_run(tmp_path, toy_cache, toy_model, toy_checkpoint, command)
+    process = cli_process(*args, preexec_fn=_limited(limit))
+    out, err = process.communicate(timeout=300)
+    text = out + err
+    problems = []
+    if process.returncode != 1:
+        problems.append(f"exit code {process.returncode}")
+    if "Traceback" in text:
+        problems.append("a traceback")
+    if not re.search(r"error: cannot write \S+.*free space", flat(text)):
+        problems.append("no message naming the file and the fix")
+    temporaries = [str(p) for p in tmp_path.rglob(".*.tmp-*")]
+    if temporaries:
+        problems.append(f"temporary files left: {temporaries}")
+    assert not problems, "; ".join(problems) + f"\n{text[-1500:]}"
+
+
+def _temporaries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def test_hostile_a_killed_overwrite_leaves_no_stale_temporary_once_replaced_again(tmp_path, toy_checkpoint):
+    """extract --overwrite killed by SIGKILL leaves its hidden temporary (a cache-sized .NAME.*.tmp) beside the
+    cache, as it must (the old cache stays whole); the next --overwrite removes it, as no process holds it open
+    (today every killed attempt leaves one more, forever)."""
+    path = tmp_path / "cache.h5"
+    assert_ok(run(*extract_args(path, toy_checkpoint, n=8)))
+    killed = extract_args(path, toy_checkpoint, "--overwrite", n=8, kill_at="val:3", marker=tmp_path / "killed")
+    process = subprocess.run([sys.executable, CLI, *map(str, killed)], capture_output=True, text=True, env=env(),
+                             cwd=REPO, timeout=120, check=False)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert len(_temporaries(path)) == 1
+    assert_ok(run(*extract_args(path, toy_checkpoint, "--overwrite", n=8)))
+    assert _temporaries(path) == []
+    assert all(complete_splits(path).values())
+
+
+def test_hostile_a_running_overwrite_keeps_its_temporary_while_another_replaces_the_file(tmp_path, toy_checkpoint):
+    """The stale-temporary clean-up spares a temporary that a live replacement holds open (HDF5's exclusive lock):
+    that replacement still finishes and renames its file into place."""
+    path, go = tmp_path / "cache.h5", tmp_path / "go"
+    assert_ok(run(*extract_args(path, toy_checkpoint, "--dtype", "float32", n=8)))
+    held = cli_process(*extract_args(path, toy_checkpoint, "--overwrite", "--dtype", "float32", n=40,
+                                     hold_at="train:5", hold=go))
+    try:
+        wait_for(Path(f"{go}.waiting").exists, process=held)
+        live = _temporaries(path)
+        assert len(live) == 1
+        assert_ok(run(*extract_args(path, toy_checkpoint, "--overwrite", "--dtype", "float32", n=8)))
+        assert _temporaries(path) == live, "the live replacement's temporary was deleted"
+        go.touch()
+        _, err = held.communicate(timeout=120)
+    finally:
+        go.touch()
+        held.kill()
+    assert held.returncode == 0, err
+    assert _temporaries(path) == []
+    with CacheReader(path) as reader:
+        assert len(reader.split("train").ids) == 40
