@@ -75,7 +75,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         file of a run, a prediction and a model is written here, so this is the one place that turns them
         into a message.
     """
-    path = Path(path)
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # a link stays one: its file is replaced
     temp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # same suffix: writers infer formats
     try:
         yield temp

@@ -282,8 +282,9 @@ class CacheWriter:
             if not self.path.is_file():
                 raise OutputExistsError(f"{self.path} exists and is not a file; choose another --out")
             _refuse_if_written_elsewhere(self.path)
-            _remove_stale_temporaries(self.path)
-            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            self._target = self.path.resolve()  # a symbolic link stays one: the file it names is replaced
+            _remove_stale_temporaries(self._target)
+            fd, temporary = tempfile.mkstemp(dir=self._target.parent, prefix=f".{self._target.name}.", suffix=".tmp")
             os.close(fd)
             shutil.copymode(self.path, temporary)  # the replacement keeps the file's permissions
             self._write_path = Path(temporary)
@@ -408,7 +409,7 @@ class CacheWriter:
                 _refuse_if_written_elsewhere(self.path)
             except CacheError as exc:
                 raise CacheError(f"{exc}; the new cache is kept as {self._write_path}") from None
-            os.replace(self._write_path, self.path)
+            os.replace(self._write_path, self._target)
 
     def abort(self) -> None:
         """Close after a failure: a replacement's temporary file is deleted, the old file stays as it was."""

@@ -1240,3 +1240,29 @@ def test_hostile_a_running_overwrite_keeps_its_temporary_while_another_replaces_
     assert _temporaries(path) == []
     with CacheReader(path) as reader:
         assert len(reader.split("train").ids) == 40
+
+
+@pytest.mark.parametrize("command", ["extract", "predict"])
+def test_hostile_overwrite_through_a_symlink_replaces_the_file_it_names(tmp_path, toy_checkpoint, toy_model, command):
+    """--out a symbolic link to a file elsewhere (a cache on a bigger disk), with --overwrite: the file it names is
+    replaced and the link stays a link (today the link itself is replaced by a new file in the link's folder,
+    and the file it named is left, stale)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if command == "extract":
+        real, link = elsewhere / "cache.h5", tmp_path / "cache.h5"
+        assert_ok(run(*extract_args(real, toy_checkpoint, n=8)))
+        args = extract_args(link, toy_checkpoint, "--overwrite", n=12)
+    else:
+        real, link = elsewhere / "preds.csv", tmp_path / "preds.csv"
+        real.write_text("old\n")
+        args = ["predict", "--model", toy_model[1], "--split", "test", "--out", link, "--device", "cpu", "--overwrite"]
+    link.symlink_to(real)
+    assert_ok(run(*args))
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    if command == "extract":
+        with CacheReader(real) as reader:
+            assert len(reader.split("train").ids) == 12
+    else:
+        assert real.read_text().splitlines()[0] == "id,label,p0,p1"
+    assert sorted(p.name for p in elsewhere.iterdir()) == [real.name]
