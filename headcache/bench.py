@@ -33,7 +33,6 @@ timed; a test split costs one pass either way.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -47,9 +46,10 @@ import torch
 from headcache._version import __version__
 from headcache.config import BenchConfig, TrainConfig
 from headcache.devices import resolve_device
-from headcache.errors import EquivalenceError
+from headcache.errors import EquivalenceError, OutputExistsError, OutputWriteError
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
+from headcache.rundir import replaced_atomically, write_json
 from headcache.spec import load_backbone, resolve_spec, spec_splits
 from headcache.train import HeadTask, fit, num_classes_of, resolve_splits, tasks_for_splits
 
@@ -183,9 +183,16 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
     train_split, val_split, _ = resolve_splits(config, spec_splits(spec))
     splits = (train_split, val_split, None)  # no test: it is one pass either way
 
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise OutputExistsError(f"--out {out} is a file; bench writes a folder (bench.json, bench.png, cache.h5): "
+                                "give a directory")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out) if out is not None else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputWriteError(f"--out {folder}: cannot create this directory ({exc.strerror}: {exc.filename}); "
+                                   "give a path whose folders are directories you can write") from None
         cache = folder / "cache.h5"
         on_stage(f"extracting {train_split} and {val_split} (one backbone pass)")
         extracted = extract(spec, checkpoint, cache, ExtractConfig(
@@ -291,7 +298,7 @@ def environment() -> dict[str, str]:
 
 def write_bench(result: BenchResult, out: Path) -> None:
     """bench.json and bench.png in ``out``."""
-    (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    write_json(out / "bench.json", result.to_dict())  # whole or not at all, a full disk a named error
     plot_bench(result, out / "bench.png")
 
 
@@ -319,5 +326,6 @@ def plot_bench(result: BenchResult, path: Path) -> None:
                  f"(measured over {result.epochs})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced_atomically(path) as temp:
+        fig.savefig(temp, dpi=100, format="png")
     plt.close(fig)

@@ -227,7 +227,10 @@ class Output:
 
     def __init__(self, out: str | Path, layout: Layout, *, overwrite: bool):
         out = Path(out)
-        self.final = out.resolve() if out.is_symlink() else out  # swap the directory, never the link
+        # swap the directory, never the link; "." and ".." name their folder (with_name needs a name)
+        self.final = out.resolve() if out.is_symlink() or out.name in ("", "..") else out
+        if not self.final.name:
+            raise OutputExistsError(f"--out {out}: the root folder cannot be a run directory; give a directory in it")
         self.layout, self.overwrite = layout, overwrite
         self.staging = self.final.with_name(f".{self.final.name}.replacing")
         self.previous = self.final.with_name(f".{self.final.name}.replaced")

@@ -1266,3 +1266,27 @@ def test_hostile_overwrite_through_a_symlink_replaces_the_file_it_names(tmp_path
     else:
         assert real.read_text().splitlines()[0] == "id,label,p0,p1"
     assert sorted(p.name for p in elsewhere.iterdir()) == [real.name]
+
+
+def test_hostile_out_dot_is_the_current_directory(tmp_path, toy_cache, monkeypatch):
+    """train --out . (or --out ''): the current directory, refused when it holds files of the user's, written when
+    empty (today a ValueError traceback: '.' has an empty name)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("mine")
+    assert_clean_error(run("train", "--cache", toy_cache, "--out", ".", *TRAIN), "mine.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert_ok(run("train", "--cache", toy_cache, "--out", ".", *TRAIN))
+    assert (empty / "metrics.json").is_file()
+
+
+def test_hostile_bench_out_a_file_is_refused(tmp_path, toy_cache, toy_checkpoint):
+    """bench --out naming a file: refused before any work, the file byte-identical (today a FileExistsError
+    traceback from mkdir)."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    result = run("bench", "--spec", BAD, "--checkpoint", toy_checkpoint, "--out", target, "--epochs", "1",
+                 "--device", "cpu", *opts(n=24))
+    assert_clean_error(result, "--out", "is a file")
+    assert target.read_text() == "mine"
