@@ -33,6 +33,7 @@ from headcache.store import DTYPES
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NONE_TEXTS = ("none", "null", "")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp name -> autocast dtype
+LAYER_WORDS = ("last", "mix")  # --layer's words; anything else is a layer id
 
 
 # ------------------------------------------------------------------------------------------ constraints
@@ -168,6 +169,20 @@ class PrefixMap(Constraint):
         return {"model.": 0}
 
 
+class LayerText(Constraint):
+    """``--layer``: "last", "mix" or a layer id as text (``"3"``, ``"-1"``); whether the cache has that id is
+    checked against the cache (the feature source), not here."""
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return isinstance(value, str) and (value in LAYER_WORDS or re.fullmatch(r"-?[0-9]+", value) is not None)
+
+    def __str__(self) -> str:
+        return f"{', '.join(LAYER_WORDS)} or a layer id (an integer as text, e.g. 3)"
+
+    def invalid_value(self) -> Any:
+        return "first"
+
+
 class OrNone(Constraint):
     """What ``inner`` allows, or None (the setting is unset and its documented default applies)."""
 
@@ -279,6 +294,8 @@ class TrainConfig:
     """Settings of one head's training (never learned state)."""
 
     pool: str = setting("meanq", Options(POOL_NAMES), "Pool over the sequence axis.")
+    layer: str = setting("last", LayerText(), "The layer heads read: a cached layer id, last, or mix (a learned "
+                         "softmax over the cached layers; the learned pool: over the token layers).")
     head: str = setting("mlp", Options(HEADS), "Classification head.")
     loss: str | None = setting(None, OrNone(Options(LOSSES)), "Loss (unset: focal for two classes, else ce).")
     lr: float = setting(5e-4, Interval(numbers.Real, 0, None, closed="neither"), "AdamW learning rate.")
