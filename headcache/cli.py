@@ -330,6 +330,8 @@ def inspect_command(
         for key in ("spec", "hidden_dim", "dtype", "amp", "num_classes", "backbone_fingerprint", "checkpoint_sha256",
                     "created_by"):
             console.print(f"[bold]{key}[/bold]: {summary.get(key)}", highlight=False)
+        for key in ("layers", "token_layers"):  # pooled vectors of every layer; per-token states of the token layers
+            console.print(f"[bold]{key}[/bold]: {', '.join(map(str, summary[key]))}", highlight=False)
         table = Table("split", "sequences", "tokens", "complete", "classes", "length min/mean/max")
         for name, split in summary["splits"].items():
             lengths = split["lengths"]

@@ -347,6 +347,8 @@ class ExtractConfig:
     trust_checkpoint: bool = setting(False, Flag(), "Allow full unpickling (only for files you trust).")
     overwrite: bool = setting(False, Flag(), "Replace an existing cache file.")
     write_block: int = setting(256, _POSITIVE_INT, "Sequences per HDF5 write.")
+    token_layers: str = setting("last", Text(), "Layers whose per-token states are stored: last, all, or layer ids "
+                                                "i,j (every layer's pooled vectors are stored anyway).")
 
     def __post_init__(self) -> None:
         check_settings(self)

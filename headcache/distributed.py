@@ -208,7 +208,7 @@ def merge_parts(out: str | Path, *, keep_parts: bool = False, overwrite: bool = 
 def _check_parts(parts: list[Path], readers: list[CacheReader]) -> tuple[dict, list[str]]:
     """The root attributes and splits the parts share; refuse parts that do not belong together."""
     first = readers[0]
-    identity = ("backbone_fingerprint", "spec", "checkpoint_sha256", "hidden_dim", "dtype")
+    identity = ("backbone_fingerprint", "spec", "checkpoint_sha256", "hidden_dim", "dtype", "layers", "token_layers")
     for path, reader in zip(parts[1:], readers[1:]):
         differ = [key for key in identity if getattr(reader, key) != getattr(first, key)]
         if differ or reader.splits != first.splits:
@@ -230,7 +230,7 @@ def _check_parts(parts: list[Path], readers: list[CacheReader]) -> tuple[dict, l
                                  f"{total} holds {stop - start}: the parts come from different data")
     attrs = {"backbone_fingerprint": first.backbone_fingerprint, "spec": first.spec,
              "checkpoint_sha256": first.checkpoint_sha256, "hidden_dim": first.hidden_dim, "dtype": first.dtype,
-             "load_report": first.load_report,
+             "load_report": first.load_report, "layers": first.layers, "token_layers": first.token_layers,
              **{key: getattr(first, key) for key in ("amp", "num_classes", "class_names") if hasattr(first, key)}}
     return attrs, first.splits
 
@@ -238,10 +238,11 @@ def _check_parts(parts: list[Path], readers: list[CacheReader]) -> tuple[dict, l
 def _copy(piece: Any, target: Any) -> None:
     """Append every sequence of one part's split to the merged split, MERGE_BLOCK sequences per write."""
     offsets = piece.offsets
-    pooled_all = {name: piece.pooled(name) for name in piece.pooled_names}
+    pooled_all = {name: piece.pooled(name, "all") for name in piece.pooled_names}
     for start in range(0, piece.n, MERGE_BLOCK):
         stop = min(start + MERGE_BLOCK, piece.n)
-        tokens = piece.tokens(int(offsets[start]), int(offsets[stop]))
+        tokens = piece.tokens(int(offsets[start]), int(offsets[stop]), layer="all")
+        tokens = tokens.reshape(len(tokens), -1, piece.token_width("last"))  # (rows, Lt, D)
         cuts = (offsets[start + 1:stop] - offsets[start]).tolist()
         pooled = {name: matrix[start:stop] for name, matrix in pooled_all.items()}
         target.write(np.split(tokens, cuts), piece.labels[start:stop], piece.ids[start:stop], pooled)

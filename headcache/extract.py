@@ -53,7 +53,7 @@ from headcache.errors import (
     SpecError,
 )
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
-from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_member, spec_splits
+from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_layers, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
@@ -231,6 +231,8 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     datasets = _datasets(spec, splits)
     hidden_dim = runner.probe(datasets[splits[0]], splits[0])
     attrs = {
+        "layers": runner.layers,
+        "token_layers": [runner.layers[p] for p in runner.token_positions],
         "backbone_fingerprint": report.fingerprint,
         # Provenance only: a resume compares the data itself (`_check_same_data`), not this text.
         "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),
@@ -311,21 +313,26 @@ class _Runner:
     def __init__(self, spec: Any, backbone: torch.nn.Module, device: torch.device, config: ExtractConfig):
         self.spec, self.backbone, self.device, self.config = spec, backbone, device, config
         self.num_classes = getattr(spec, "num_classes", None)
+        self.layers = spec_layers(spec)
+        self.token_positions = token_layer_positions(config.token_layers, self.layers)
         self.items_seen = self.tokens_seen = 0  # for the size estimate of a disk-full message
 
     def cache_bytes(self, split_sizes: dict[str, int], hidden_dim: int) -> int:
         """The whole cache's size on disk, estimated from the items encoded so far (as extract --plan does)."""
         per_item = self.tokens_seen / max(1, self.items_seen)
-        return sum(_split_bytes(n, per_item, hidden_dim, self.config.dtype) for n in split_sizes.values())
+        return sum(_split_bytes(n, per_item, hidden_dim, self.config.dtype, len(self.layers),
+                                len(self.token_positions)) for n in split_sizes.values())
 
     def encode(self, batch: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spec's states of every layer, (B, L, T, D) float32 (L = 1 for a spec without layers), and the
+        bool mask (B, T)."""
         batch = to_device(batch, self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
                                                     enabled=self.config.amp is not None):
             with spec_member("encode", f"a batch of {batch_size}"):
                 output = self.spec.encode(self.backbone, batch)
             hidden, mask = check_encode_output(output, batch_size=batch_size, layers=getattr(self.spec, "layers", None))
-        return hidden.float(), mask.bool()
+        return (hidden if hidden.dim() == 4 else hidden.unsqueeze(1)).float(), mask.bool()
 
     def probe(self, dataset: Any, split: str) -> int:
         """Encode the first few items alone and together: the hidden size, and a padding check."""
@@ -337,7 +344,7 @@ class _Runner:
         worst = 0.0  # the largest difference, in units of the tolerance's scale (see PADDING_TOLERANCE)
         for b, item in enumerate(items[1:], start=1):  # item 0 alone is the same batch shape question
             alone, alone_mask = self.encode(_collate(self.spec, [item[0]], split), 1)
-            real, batched = alone[0][alone_mask[0]], together[b][mask[b]]
+            real, batched = alone[0][:, alone_mask[0]], together[b][:, mask[b]]
             if real.shape != batched.shape:
                 worst = float("inf")
             elif real.numel():
@@ -395,17 +402,21 @@ class _Runner:
         if len(empty):
             raise DataError(f"sequence {ids[int(empty[0])]!r} of split {split!r} has no positions (its mask is all "
                             "False); remove it from the data set or give it at least one event")
-        broken = (~torch.isfinite(hidden) & mask.unsqueeze(-1)).flatten(1).any(1).nonzero().flatten()
+        broken = (~torch.isfinite(hidden) & mask[:, None, :, None]).flatten(1).any(1).nonzero().flatten()
         if len(broken):
             raise NonFiniteError(f"the backbone produced NaN or Inf for sequence {ids[int(broken[0])]!r} of split "
                                  f"{split!r}; check that sequence's inputs (the rows before it are kept, and a "
                                  "rerun resumes there)")
         if self.config.dtype == "float16":  # before rounding, where an overflow is still a number
             check_float16_range(hidden, mask, ids, split)
-        # the same rounding and pools as the live source and the exported model: NOTE [ One seam ] in pooling.py
-        rounded, mask, pooled_states = cache_inputs(hidden, mask, dtype=self.config.dtype)
-        pooled = {name: vectors.cpu().numpy() for name, vectors in pooled_states.items()}
-        stored = rounded.to(getattr(torch, self.config.dtype)).cpu().numpy()  # exact: already rounded
+        # the same rounding and pools as the live source and the exported model: NOTE [ One seam ] in pooling.py;
+        # each layer alone, so every layer's vectors are exactly what a one-layer cache of it would hold
+        per_layer = [cache_inputs(hidden[:, layer], mask, dtype=self.config.dtype) for layer in range(hidden.shape[1])]
+        mask = per_layer[0][1]
+        pooled = {name: torch.stack([states[name] for _, _, states in per_layer], 1).cpu().numpy()
+                  for name in per_layer[0][2]}  # (B, L, D) each
+        stored = torch.stack([per_layer[p][0] for p in self.token_positions], 2)  # (B, T, Lt, D)
+        stored = stored.to(getattr(torch, self.config.dtype)).cpu().numpy()  # exact: already rounded
         mask_np = mask.cpu().numpy()
         for b, (label, item_id) in enumerate(zip(labels, ids)):
             label = self.check_label(label, item_id, split)
@@ -574,24 +585,42 @@ def plan_extraction(spec: str | Any, checkpoint: str | Path, config: ExtractConf
         return time.perf_counter() - started, tokens, width
 
     extract_seconds, tokens, hidden_dim = timed(bucketed_batches(sorted(chosen), lengths, config.batch_size))
+    layers = (len(runner.layers), len(runner.token_positions))
     shuffled = rng.permutation(chosen).tolist()
     live_seconds, _, _ = timed([shuffled[i:i + train_batch_size] for i in range(0, len(shuffled), train_batch_size)])
     tokens_per_item = float(torch.cat(tokens).float().mean())
     sizes = {split: len(dataset) for split, dataset in datasets.items()}
     items = sum(sizes.values())
     trained = sum(n for split, n in sizes.items() if split != "test") or items
-    cache_bytes = sum(_split_bytes(n, tokens_per_item, hidden_dim, config.dtype) for n in sizes.values())
+    cache_bytes = sum(_split_bytes(n, tokens_per_item, hidden_dim, config.dtype, *layers) for n in sizes.values())
     return ExtractPlan(sizes, len(chosen), tokens_per_item, hidden_dim, config.dtype, cache_bytes,
                        items * extract_seconds / len(chosen), trained * live_seconds / len(chosen))
 
 
-def _split_bytes(n: int, tokens_per_item: float, hidden_dim: int, dtype: str) -> int:
-    """A split's bytes on disk: token rows in whole chunks (store.CHUNK_BYTES each), the float32 pools,
-    and per item an offset, a label and an id (about 32 bytes with its heap entry)."""
-    row_bytes = hidden_dim * np.dtype(dtype).itemsize
+def _split_bytes(n: int, tokens_per_item: float, hidden_dim: int, dtype: str, num_layers: int = 1,
+                 num_token_layers: int = 1) -> int:
+    """A split's bytes on disk: token rows of the token layers in whole chunks (store.CHUNK_BYTES each),
+    every layer's float32 pools, and per item an offset, a label and an id (about 32 bytes with its offset)."""
+    row_bytes = num_token_layers * hidden_dim * np.dtype(dtype).itemsize
     chunk_rows = max(1, CHUNK_BYTES // row_bytes)
     token_bytes = math.ceil(n * tokens_per_item / chunk_rows) * chunk_rows * row_bytes
-    return int(token_bytes + n * (len(PARAMETER_FREE_POOLS) * hidden_dim * 4 + 8 + 8 + 32))
+    return int(token_bytes + n * (len(PARAMETER_FREE_POOLS) * num_layers * hidden_dim * 4 + 8 + 8 + 32))
+
+
+def token_layer_positions(text: str, layers: Sequence[int]) -> list[int]:
+    """Positions among ``layers`` of the layers whose tokens are stored (``--token-layers``: last, all or ids i,j)."""
+    if text == "last":
+        return [len(layers) - 1]
+    if text == "all":
+        return list(range(len(layers)))
+    try:
+        wanted = [int(part) for part in text.split(",")]
+    except ValueError:
+        wanted = None
+    if not wanted or len(set(wanted)) != len(wanted) or any(i not in layers for i in wanted):
+        raise ConfigError(f"--token-layers must be last, all, or distinct layer ids of the spec separated by commas "
+                          f"(the spec's layers are {', '.join(map(str, layers))}); got {text!r}")
+    return sorted(layers.index(i) for i in wanted)
 
 
 def _size(count: float) -> str:

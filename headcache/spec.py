@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from headcache.backbones import BUILTIN_SPECS
 from headcache.checkpoint import LoadReport, checkpoint_sha256, fingerprint, load_checkpoint
 from headcache.errors import CheckpointError, HeadcacheError, SpecError
+from headcache.store import SINGLE_LAYER
 
 DEFAULT_SPLITS = ("train", "val", "test")
 REQUIRED_MEMBERS = ("dataset", "collate", "encode")
@@ -326,3 +327,17 @@ def _check_finite(module: nn.Module, checkpoint: str | Path | None) -> None:
         shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
         raise CheckpointError(f"checkpoint {checkpoint}: tensor(s) {shown} hold NaN or Inf values; the weights are "
                               "damaged (or saved from a diverged run): use another checkpoint")
+
+
+def spec_layers(spec: Any) -> list[int]:
+    """The layer ids of a spec's hidden states: its ``layers``, or one layer (`SINGLE_LAYER`)."""
+    layers = getattr(spec, "layers", None)
+    if layers is None:
+        return [SINGLE_LAYER]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise SpecError(f"spec.layers must be a list of distinct integer layer ids, got {layers!r}")
+    layers = list(layers)
+    if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) \
+            or len(set(layers)) != len(layers):
+        raise SpecError(f"spec.layers must be a non-empty list of distinct integer layer ids, got {layers!r}")
+    return layers

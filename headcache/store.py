@@ -1,22 +1,34 @@
-"""The HDF5 cache, schema 2 (schema 1 still reads): a writer, a reader and its validation, nothing else.
+"""The HDF5 cache, schema 3 (schemas 1 and 2 still read): a writer, a reader and its validation, nothing else.
 
 Layout (DESIGN.md, "Cache format")::
 
-    /                 attrs: format="headcache", schema=2, backbone_fingerprint, spec,
+    /                 attrs: format="headcache", schema=3, backbone_fingerprint, spec,
                       checkpoint_sha256, hidden_dim, dtype, amp ("none", "bf16", "fp16"),
-                      num_classes, class_names (JSON list), created_by, load_report (JSON)
-    /<split>/tokens   (sum T_i, D) float16|float32, resizable and chunked by rows
+                      num_classes, class_names (JSON list), split_names (JSON list),
+                      layers (int64: the layer ids pooled), token_layers (int64: the ids
+                      whose per-token states are stored), created_by
+    /load_report      (bytes,) uint8: the load report, JSON in UTF-8
+    /<split>/tokens   (sum T_i, Lt * D) float16|float32, resizable and chunked by rows;
+                      columns [j * D, (j + 1) * D) are token layer token_layers[j]
     /<split>/offsets  (N+1,) int64: sequence i is tokens[offsets[i]:offsets[i+1]]
     /<split>/labels   (N,) int64; -1 = unlabelled
-    /<split>/ids      (N,) utf-8 strings, unique
-    /<split>/pooled/<name>  (N, D) float32
+    /<split>/id_bytes (bytes,) uint8: the ids in UTF-8, one after another
+    /<split>/id_offsets  (N+1,) int64: id i is id_bytes[id_offsets[i]:id_offsets[i+1]]
+    /<split>/pooled/<name>  (N, L, D) float32: every cached layer, in ``layers`` order
     /<split>          attrs: n, complete, labeled, data_fingerprint, rows_written, rows_pending
 
-Every dataset but ``ids`` carries a fletcher32 checksum: HDF5 refuses filters
-on variable-length strings ("not suitable for filters"), so ids are covered by
-``data_fingerprint`` instead (checked by `verify`). Schema 1 lacks ``amp``,
+NOTE [ Nothing on the global heap ]
+Every dataset carries a fletcher32 checksum, and no value lives in HDF5's
+global heap: ids are flat UTF-8 bytes with offsets (as tokens are), text
+attributes are fixed-length byte strings, and the load report (of unbounded
+size) is a checksummed dataset. Variable-length strings, which schema 2 used
+for ids and attributes, cannot be checksummed ("not suitable for filters"),
+and one damaged byte of the heap that holds them can make HDF5 itself loop
+forever, where no code above it can stop it. Schema 1 lacks ``amp``,
 ``num_classes``, ``class_names``, ``labeled`` and ``rows_pending``, and its
-offsets, labels and pooled matrices are contiguous, unchecksummed datasets.
+offsets, labels and pooled matrices are contiguous, unchecksummed datasets;
+schemas 1 and 2 hold one layer (id -1), with (N, D) pooled matrices and
+(rows, D) tokens, and variable-length ids and attributes.
 
 Ragged sequences are stored flat with offsets (no padding on disk); the offset
 arithmetic lives in `sequence_bounds` only. Like h5py, the reader caches only
@@ -32,11 +44,11 @@ token rows and the per-sequence rows, flushes, and only then sets
 OOM killer) leaves ``rows_written`` describing data that is fully in the file.
 What lies past it may be damaged: a torn write of a chunk that holds the commit
 point leaves that chunk's fletcher32 checksum wrong, and ids past it may point
-at variable-length string heap objects that never reached the file. HDF5 reads
+past the end of the id bytes written. HDF5 reads
 both when they are overwritten, so a resumed split is cut back to the commit
 point before its first write (`SplitWriter._drop_uncommitted`): the growing datasets (tokens,
-ids) are shrunk to the commit point's chunk, and the chunks of the fixed-size
-ones (offsets, labels, pooled) between ``rows_written`` and ``rows_pending``
+id_bytes) are shrunk to the commit point's chunk, and the chunks of the fixed-size
+ones (offsets, labels, id_offsets, pooled) between ``rows_written`` and ``rows_pending``
 are written afresh. The fixed-size datasets are allocated when created: HDF5
 allocates space at the first write by default, and a writer killed while
 flushing that write can leave a dataset pointing past the end of the file as
@@ -95,28 +107,33 @@ from headcache.errors import (
     SplitMissingError,
 )
 
-SCHEMA = 2
-READ_SCHEMAS = (1, 2)
+SCHEMA = 3
+READ_SCHEMAS = (1, 2, 3)
 FORMAT = "headcache"
 DTYPES = ("float16", "float32")
 AMPS = ("none", "bf16", "fp16")
 # Root attributes the caller must supply; format, schema and created_by are added here.
 WRITER_ATTRS = ("backbone_fingerprint", "spec", "checkpoint_sha256", "hidden_dim", "dtype", "load_report")
 # Root attributes the caller may supply: amp (None: "none"), and the spec's classes (None: from the labels).
-OPTIONAL_ATTRS = ("amp", "num_classes", "class_names")
+OPTIONAL_ATTRS = ("amp", "num_classes", "class_names", "layers", "token_layers")
 # What must match for an existing file to be resumed rather than refused. Not the spec text: it holds
 # the spec options (a data path spelled relative or absolute); the data is compared by content instead.
-IDENTITY_ATTRS = ("backbone_fingerprint", "hidden_dim", "dtype", "amp")
+IDENTITY_ATTRS = ("backbone_fingerprint", "hidden_dim", "dtype", "amp", "layers", "token_layers")
 # Chunks of about 1 MiB: large enough for fast sequential reads, small enough that reading one
 # sequence does not checksum much more than it needs.
 CHUNK_BYTES = 1 << 20
-# ids are chunked (not contiguous) only so a resume can drop chunks past the commit point.
-ID_CHUNK = 4096
+# Bytes per chunk of id_bytes (growing, like tokens, so a resume can drop chunks past the commit point).
+ID_CHUNK = 1 << 16
+# The one layer of a spec that names none, and of every schema-1 and schema-2 cache.
+SINGLE_LAYER = -1
+# Root datasets; a split (a root group) may not take their names.
+ROOT_DATASETS = ("load_report",)
 MIN_CLASSES = 2
 # Without the spec's classes, a label above this is taken for a mistake (an id given as the label, say)
 # rather than a task of that many classes: a spec with more classes says so (num_classes).
 MAX_INFERRED_CLASSES = 1000
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_TEXT_BYTES = 60000  # an attribute lives in its object header, whose messages hold at most 64 KiB
 _SKIP_FLETCHER32 = 1  # a chunk filter mask: the first (only) filter, fletcher32, not applied
 # What h5py raises on a damaged file: a failed checksum or a broken structure (OSError), or
 # attributes and objects that decode to nonsense.
@@ -139,7 +156,7 @@ def check_float16_range(hidden: torch.Tensor, mask: torch.Tensor, ids: Sequence[
 
     Parameters
     ----------
-    hidden : Tensor (B, T, D) float32
+    hidden : Tensor (B, T, D) or (B, L, T, D) float32
     mask : Tensor (B, T) bool
     ids : sequence of B str
     split : str
@@ -150,7 +167,8 @@ def check_float16_range(hidden: torch.Tensor, mask: torch.Tensor, ids: Sequence[
         A real position of a sequence overflows; names the sequence and the fix.
     """
     finite = torch.isfinite(hidden)
-    overflow = (torch.isinf(hidden.to(torch.float16)) & finite & mask.unsqueeze(-1)).flatten(1).any(1)
+    real = mask.unsqueeze(-1) if hidden.dim() == 3 else mask[:, None, :, None]
+    overflow = (torch.isinf(hidden.to(torch.float16)) & finite & real).flatten(1).any(1)
     if bool(overflow.any()):
         b = int(overflow.nonzero()[0])
         largest = float(torch.where(finite[b], hidden[b].abs(), 0.0).max())
@@ -207,10 +225,12 @@ class CacheWriter:
         ``backbone_fingerprint``, ``spec``, ``checkpoint_sha256``,
         ``hidden_dim`` (int), ``dtype`` (``"float16"`` or ``"float32"``) and
         ``load_report`` (a dict, stored as JSON); optionally ``amp`` (None,
-        ``"bf16"`` or ``"fp16"``) and the spec's ``num_classes`` and
-        ``class_names``. Without classes, they come from the labels: each
-        finished split raises ``num_classes`` to its largest label + 1 (at
-        least 2).
+        ``"bf16"`` or ``"fp16"``), the spec's ``num_classes`` and
+        ``class_names``, its ``layers`` (distinct ints; None: one layer,
+        `SINGLE_LAYER`) and the ``token_layers`` whose per-token states are
+        stored (some of ``layers``, in their order; None: the last one).
+        Without classes, they come from the labels: each finished split
+        raises ``num_classes`` to its largest label + 1 (at least 2).
     overwrite : bool
         Replace an existing file (NOTE [ Atomic replacement ]): the new file is
         written beside it and renamed over it when the writer closes.
@@ -252,6 +272,7 @@ class CacheWriter:
         self._dtype = np.dtype(attrs["dtype"])
         self._hidden_dim = attrs["hidden_dim"]
         self._num_classes = attrs["num_classes"]  # the spec's, or None: from the labels
+        self._layers, self._token_layers = attrs["layers"], attrs["token_layers"]
         self.resuming = self.path.exists() and not overwrite
         self._replacing = self.path.exists() and overwrite
         if self.resuming:
@@ -273,16 +294,20 @@ class CacheWriter:
             raise
         if not self.resuming:
             root = self._file.attrs
-            root["format"] = FORMAT
+            _set_text(root, "format", FORMAT)
             root["schema"] = SCHEMA
             for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "dtype", "amp"):
-                root[key] = attrs[key]
+                _set_text(root, key, attrs[key])
             root["hidden_dim"] = attrs["hidden_dim"]
+            root["layers"] = np.asarray(self._layers, dtype=np.int64)
+            root["token_layers"] = np.asarray(self._token_layers, dtype=np.int64)
             root["num_classes"] = self._num_classes or MIN_CLASSES
-            root["class_names"] = json.dumps(attrs["class_names"] or default_class_names(MIN_CLASSES))
-            root["split_names"] = "[]"  # a split whose link is damaged must not just vanish from the listing
-            root["created_by"] = f"headcache {__version__}"
-            root["load_report"] = json.dumps(attrs["load_report"], sort_keys=True)
+            _set_text(root, "class_names", json.dumps(attrs["class_names"] or default_class_names(MIN_CLASSES)))
+            _set_text(root, "split_names", "[]")  # a split whose link is damaged must not just vanish from the listing
+            _set_text(root, "created_by", f"headcache {__version__}")
+            report = np.frombuffer(json.dumps(attrs["load_report"], sort_keys=True).encode("utf-8"), dtype=np.uint8)
+            self._file.create_dataset("load_report", data=report, chunks=(min(len(report), CHUNK_BYTES),),
+                                      fletcher32=True)
             self._file.flush()
 
     def split(self, name: str, n: int, pooled_names: Sequence[str]) -> "SplitWriter":
@@ -302,8 +327,9 @@ class CacheWriter:
         OutputExistsError
             The split exists with another ``n`` or other pooled names.
         """
-        if not isinstance(name, str) or not name or "/" in name or name == ".":
-            raise ConfigError(f"split name must be a non-empty string without '/', got {name!r}")
+        if not isinstance(name, str) or not name or "/" in name or name == "." or name in ROOT_DATASETS:
+            raise ConfigError(f"split name must be a non-empty string without '/' and not one of "
+                              f"{', '.join(ROOT_DATASETS)}, got {name!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ConfigError(f"split {name!r}: n must be a non-negative integer, got {n!r}")
         pooled_names = list(pooled_names)
@@ -312,7 +338,7 @@ class CacheWriter:
         if name in self._file and "rows_written" not in self._file[name].attrs:
             del self._file[name]  # a writer killed while creating it; rows_written is set last
             root = self._file.attrs
-            root["split_names"] = json.dumps([s for s in json.loads(root["split_names"]) if s != name])
+            _set_text(root, "split_names", json.dumps([s for s in json.loads(root["split_names"]) if s != name]))
         if name in self._file:
             group = self._file[name]
             have_n, have_pooled = int(group.attrs["n"]), sorted(group["pooled"])
@@ -326,7 +352,8 @@ class CacheWriter:
         return self._split_writer(self._create_split(name, int(n), pooled_names))
 
     def _split_writer(self, group: h5py.Group) -> "SplitWriter":
-        return SplitWriter(group, self._dtype, self._hidden_dim, self._num_classes, self._record_labels)
+        return SplitWriter(group, self._dtype, self._hidden_dim, len(self._layers), len(self._token_layers),
+                           self._num_classes, self._record_labels)
 
     def _record_labels(self, labels: np.ndarray) -> None:
         """A split finished: without the spec's classes, they grow to cover its labels."""
@@ -336,29 +363,30 @@ class CacheWriter:
         grown = max(int(root["num_classes"]), int(labels.max()) + 1)
         if grown != int(root["num_classes"]):
             root["num_classes"] = grown
-            root["class_names"] = json.dumps(default_class_names(grown))
+            _set_text(root, "class_names", json.dumps(default_class_names(grown)))
 
     def _create_split(self, name: str, n: int, pooled_names: list[str]) -> h5py.Group:
-        d = self._hidden_dim
+        d, width = self._hidden_dim, self._hidden_dim * len(self._token_layers)
         group = self._file.create_group(name)
-        token_rows = max(1, CHUNK_BYTES // (d * self._dtype.itemsize))
-        group.create_dataset(
-            "tokens", shape=(0, d), maxshape=(None, d), dtype=self._dtype, chunks=(token_rows, d), fletcher32=True
-        )
+        token_rows = max(1, CHUNK_BYTES // (width * self._dtype.itemsize))
+        group.create_dataset("tokens", shape=(0, width), maxshape=(None, width), dtype=self._dtype,
+                             chunks=(token_rows, width), fletcher32=True)
         _create_fixed(group, "offsets", (n + 1,), np.int64)
         _create_fixed(group, "labels", (n,), np.int64)
-        group.create_dataset("ids", shape=(0,), maxshape=(None,), chunks=(ID_CHUNK,), dtype=h5py.string_dtype())
+        _create_fixed(group, "id_offsets", (n + 1,), np.int64)
+        group.create_dataset("id_bytes", shape=(0,), maxshape=(None,), chunks=(ID_CHUNK,), dtype=np.uint8,
+                             fletcher32=True)
         pooled = group.create_group("pooled")
         for pooled_name in pooled_names:
-            _create_fixed(pooled, pooled_name, (n, d), np.float32)
+            _create_fixed(pooled, pooled_name, (n, len(self._layers), d), np.float32)
         group.attrs["n"] = n
         group.attrs["complete"] = False
         group.attrs["labeled"] = True
-        group.attrs["data_fingerprint"] = ""
+        _set_text(group.attrs, "data_fingerprint", "")
         group.attrs["rows_pending"] = 0
         group.attrs["rows_written"] = 0  # last: a group without it was never finished being created
         root = self._file.attrs
-        root["split_names"] = json.dumps(json.loads(root["split_names"]) + [name])
+        _set_text(root, "split_names", json.dumps(json.loads(root["split_names"]) + [name]))
         self._file.flush()
         return group
 
@@ -410,11 +438,12 @@ class SplitWriter:
         Sequences the split holds when complete.
     """
 
-    def __init__(self, group: h5py.Group, dtype: np.dtype, hidden_dim: int, num_classes: int | None,
-                 on_finish: Callable[[np.ndarray], None]):
+    def __init__(self, group: h5py.Group, dtype: np.dtype, hidden_dim: int, num_layers: int, num_token_layers: int,
+                 num_classes: int | None, on_finish: Callable[[np.ndarray], None]):
         self._group = group
         self._dtype = dtype
         self._hidden_dim = hidden_dim
+        self._num_layers, self._num_token_layers = num_layers, num_token_layers
         self._num_classes = num_classes
         self._on_finish = on_finish
         self._seen: dict[str, int] | None = None  # id -> row, of every written row; read when first needed
@@ -440,10 +469,17 @@ class SplitWriter:
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows_written):
             raise CacheError(f"split {self.name!r}: rows {rows.min()}..{rows.max()} are not all written")
         written = self.rows_written
-        ids = self._group["ids"].asstr()[:written] if rows.size else np.array([], dtype=object)
+        ids = self._written_ids() if rows.size else []
         # Read raw: the chunk holding the commit point may be torn (NOTE [ Crash-safe appends ]).
         labels = _raw_rows(self._group["labels"], 0, written)
-        return [str(ids[r]) for r in rows], labels[rows].astype(np.int64)
+        return [ids[r] for r in rows], labels[rows].astype(np.int64)
+
+    def _written_ids(self) -> list[str]:
+        """The committed rows' ids, read raw (the chunk holding the commit point may be torn)."""
+        written = self.rows_written
+        bounds = _raw_rows(self._group["id_offsets"], 0, written + 1)
+        raw = _raw_rows(self._group["id_bytes"], 0, int(bounds[-1])).tobytes()
+        return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
     def write(
         self,
@@ -456,13 +492,13 @@ class SplitWriter:
 
         Parameters
         ----------
-        tokens : sequence of K ndarray (T_i, D)
-            Hidden states; T_i may be 0. Cast to the cache dtype.
+        tokens : sequence of K ndarray (T_i, Lt, D), or (T_i, D) when one token layer
+            Hidden states of the token layers; T_i may be 0. Cast to the cache dtype.
         labels : ndarray (K,) of int
             Class indices, or -1 for an unlabelled sequence.
         ids : sequence of K str
             Unique within the split.
-        pooled : dict of str to ndarray (K, D)
+        pooled : dict of str to ndarray (K, L, D), or (K, D) when one layer
             One entry per pooled name of the split; stored as float32.
 
         Raises
@@ -488,9 +524,6 @@ class SplitWriter:
         if len(ids) != k or not all(isinstance(i, str) for i in ids):
             raise DataError(f"split {self.name!r}: ids must be {k} strings, got {len(ids)}")
         self._check_labels(labels.astype(np.int64), ids)
-        for seq_id in ids:
-            if "\0" in seq_id:  # HDF5 strings end at NUL: the id would come back cut short
-                raise DataError(f"split {self.name!r}: id {seq_id!r} contains a NUL character")
         seen, block = self._seen_ids(), {}
         for row, seq_id in enumerate(ids, start=start_row):
             first = seen.get(seq_id, block.get(seq_id))
@@ -503,18 +536,24 @@ class SplitWriter:
 
     def _write_checked(self, tokens: Sequence[np.ndarray], labels: np.ndarray, ids: Sequence[str],
                        pooled: Mapping[str, np.ndarray], start_row: int) -> None:
-        k, d = len(tokens), self._hidden_dim
+        k, d, lt, layers = len(tokens), self._hidden_dim, self._num_token_layers, self._num_layers
         tokens = [np.asarray(t) for t in tokens]
-        for t, seq_id in zip(tokens, ids):
-            if t.ndim != 2 or t.shape[1] != d:
-                raise DataError(f"split {self.name!r}, sequence {seq_id!r}: tokens must be (T, {d}), got {t.shape}")
+        for j, (t, seq_id) in enumerate(zip(tokens, ids)):
+            if t.ndim == 3 and t.shape[1:] == (lt, d):
+                tokens[j] = t.reshape(len(t), lt * d)
+            elif not (t.ndim == 2 and lt == 1 and t.shape[1] == d):
+                want_shape = f"(T, {lt}, {d})" + (f" or (T, {d})" if lt == 1 else "")
+                raise DataError(f"split {self.name!r}, sequence {seq_id!r}: tokens must be {want_shape} "
+                                f"({lt} token layers), got {t.shape}")
         want = self._group["pooled"]
         if set(pooled) != set(want):
             raise DataError(f"split {self.name!r}: pooled must hold {sorted(want)}, got {sorted(pooled)}")
         pooled = {name: np.asarray(p, dtype=np.float32) for name, p in pooled.items()}
         for name, p in pooled.items():
-            if p.shape != (k, d):
-                raise DataError(f"split {self.name!r}: pooled {name!r} must be ({k}, {d}), got {p.shape}")
+            if layers == 1 and p.shape == (k, d):
+                pooled[name] = p.reshape(k, 1, d)
+            elif p.shape != (k, layers, d):
+                raise DataError(f"split {self.name!r}: pooled {name!r} must be ({k}, {layers}, {d}), got {p.shape}")
         if k == 0:
             return
         if not self._cut:
@@ -533,7 +572,11 @@ class SplitWriter:
         group.file.flush()
         start = int(group["offsets"][start_row])
         stop = start + int(lengths.sum())
-        _ensure_space(Path(group.file.filename), self._block_bytes(start, stop, ids), self.name, k, start_row)
+        encoded = [seq_id.encode("utf-8") for seq_id in ids]
+        id_start = int(group["id_offsets"][start_row])
+        id_stop = id_start + sum(map(len, encoded))
+        _ensure_space(Path(group.file.filename), self._block_bytes(start, stop, id_start, id_stop), self.name, k,
+                      start_row)
         rows = slice(start_row, start_row + k)
         group["tokens"].resize(stop, axis=0)
         group["tokens"][start:stop] = block
@@ -541,8 +584,10 @@ class SplitWriter:
         group["labels"][rows] = labels.astype(np.int64)
         if (labels < 0).any():
             group.attrs["labeled"] = False
-        group["ids"].resize(start_row + k, axis=0)
-        group["ids"][rows] = np.array(ids, dtype=object)
+        group["id_bytes"].resize(id_stop, axis=0)
+        if id_stop > id_start:  # HDF5 refuses an empty selection
+            group["id_bytes"][id_start:id_stop] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        group["id_offsets"][start_row + 1 : start_row + k + 1] = id_start + np.cumsum([len(e) for e in encoded])
         for name, p in pooled.items():
             group["pooled"][name][rows] = p
         # A write barrier: HDF5 may evict metadata (the attribute) before raw
@@ -550,26 +595,24 @@ class SplitWriter:
         group.file.flush()
         self._commit(start_row + k)
 
-    def _block_bytes(self, start: int, stop: int, ids: Sequence[str]) -> int:
-        """An upper bound of the bytes the file grows by when token rows start:stop and ``ids`` are written.
+    def _block_bytes(self, start: int, stop: int, id_start: int, id_stop: int) -> int:
+        """An upper bound of the bytes the file grows by when token rows start:stop and id bytes
+        id_start:id_stop are written.
 
         Each token or id chunk touched is written whole at a new place (its
-        checksum changes); pooled, offsets and labels were allocated when the
-        split was created. The heap holds each id with a 16-byte header in
-        collections of at least 4 KiB. The chunk index and object headers grow
-        with the chunks: 5% and 64 KiB more cover them (measured: a block of 50
-        token chunks grows the file by 99.9% of the chunks' bytes alone).
+        checksum changes); pooled, offsets, labels and id offsets were
+        allocated when the split was created. The chunk index and object
+        headers grow with the chunks: 5% and 64 KiB more cover them (measured:
+        a block of 50 token chunks grows the file by 99.9% of the chunks' bytes alone).
         """
-        tokens, id_set = self._group["tokens"], self._group["ids"]
+        tokens = self._group["tokens"]
 
         def chunks(first: int, last: int, rows: int) -> int:
             return (last - 1) // rows - first // rows + 1 if last > first else 0
 
         token_bytes = chunks(start, stop, tokens.chunks[0]) * tokens.chunks[0] * tokens.dtype.itemsize * tokens.shape[1]
-        n = id_set.shape[0]
-        id_bytes = chunks(n, n + len(ids), ID_CHUNK) * ID_CHUNK * 16
-        heap = sum(len(i.encode("utf-8")) + 16 for i in ids) + 4096
-        return int((token_bytes + id_bytes + heap) * 1.05) + (64 << 10)
+        id_bytes = chunks(id_start, id_stop, ID_CHUNK) * ID_CHUNK
+        return int((token_bytes + id_bytes) * 1.05) + (64 << 10)
 
     def _check_labels(self, labels: np.ndarray, ids: Sequence[str]) -> None:
         top = self._num_classes or MAX_INFERRED_CLASSES
@@ -583,8 +626,7 @@ class SplitWriter:
 
     def _seen_ids(self) -> dict[str, int]:
         if self._seen is None:
-            written = self._group["ids"].asstr()[: self.rows_written]
-            self._seen = {str(seq_id): row for row, seq_id in enumerate(written)}
+            self._seen = {seq_id: row for row, seq_id in enumerate(self._written_ids())}
         return self._seen
 
     def _commit(self, rows_written: int) -> None:
@@ -595,11 +637,11 @@ class SplitWriter:
     def _drop_uncommitted(self) -> None:
         """Cut every dataset back to the commit point before resuming (NOTE [ Crash-safe appends ]).
 
-        Tokens and ids are shrunk to the chunk boundary at or below the commit
+        Tokens and id bytes are shrunk to the chunk boundary at or below the commit
         point, which drops every later chunk without reading it, then grown
         back, and the committed rows of the boundary chunk are written again
         (a fresh chunk, a fresh checksum). Offsets, labels and pooled keep
-        their size: each of their chunks that the cut-short block may have
+        their size (as do id offsets): each of their chunks that the cut-short block may have
         touched is written whole, its committed rows and fill after them. The
         committed rows of a boundary chunk are read raw, without the checksum
         test: a torn rewrite left their bytes intact (they were rewritten with
@@ -609,23 +651,20 @@ class SplitWriter:
         group = self._group
         rows = self.rows_written
         pending = max(rows, int(group.attrs.get("rows_pending", rows)))
-        offsets = group["offsets"]
-        end = int(_raw_rows(offsets, rows, rows + 1)[0])
-        _rewrite_chunks(offsets, rows + 1, pending + 1)
+        ends = {name: int(_raw_rows(group[name], rows, rows + 1)[0]) for name in ("offsets", "id_offsets")}
+        for name in ("offsets", "id_offsets"):
+            _rewrite_chunks(group[name], rows + 1, pending + 1)
         _rewrite_chunks(group["labels"], rows, pending)
         for pooled in group["pooled"].values():
             _rewrite_chunks(pooled, rows, pending)
-        tokens, ids = group["tokens"], group["ids"]
-        token_floor = end - end % tokens.chunks[0]
-        kept_tokens = _raw_rows(tokens, token_floor, end)
-        id_floor = rows - rows % ids.chunks[0]
-        kept_ids = ids[id_floor:rows]  # committed ids point at heap objects in the file
-        tokens.resize(token_floor, axis=0)
-        ids.resize(id_floor, axis=0)
-        tokens.resize(end, axis=0)
-        ids.resize(rows, axis=0)
-        tokens[token_floor:end] = kept_tokens
-        ids[id_floor:rows] = kept_ids
+        for name, end in (("tokens", ends["offsets"]), ("id_bytes", ends["id_offsets"])):
+            growing = group[name]
+            floor = end - end % growing.chunks[0]
+            kept = _raw_rows(growing, floor, end)
+            growing.resize(floor, axis=0)
+            growing.resize(end, axis=0)
+            if end > floor:
+                growing[floor:end] = kept
         group.attrs["rows_pending"] = rows
         group.file.flush()
 
@@ -650,7 +689,7 @@ class SplitWriter:
             raise CacheError(f"split {self.name!r}: {written} of {self.n} sequences are written; cannot finish it")
         group = self._group
         labels = group["labels"][()]
-        group.attrs["data_fingerprint"] = data_fingerprint(list(group["ids"].asstr()[()]), labels, group["offsets"][()])
+        _set_text(group.attrs, "data_fingerprint", data_fingerprint(self._written_ids(), labels, group["offsets"][()]))
         group.attrs["labeled"] = bool((labels >= 0).all())
         self._on_finish(labels)
         group.attrs["complete"] = True
@@ -790,8 +829,9 @@ class CacheReader:
                 "... --overwrite), or use a headcache version that reads that schema"
             )
         self.schema = int(schema)
-        needed = WRITER_ATTRS + ("created_by",) + (
-            ("amp", "num_classes", "class_names", "split_names") if self.schema >= 2 else ())
+        needed = tuple(key for key in WRITER_ATTRS if key != "load_report" or self.schema < 3) + ("created_by",) + (
+            ("amp", "num_classes", "class_names", "split_names") if self.schema >= 2 else ()) + (
+            ("layers", "token_layers") if self.schema >= 3 else ())
         missing = [key for key in needed if key not in root]
         if missing:
             raise SchemaError(f"{self.path}: cache lacks root attributes {missing}; re-extract it "
@@ -801,8 +841,9 @@ class CacheReader:
             return SchemaError(f"{self.path}: root attribute {key!r} is {_plain(root[key])!r}, not {expected}; the "
                                "file is damaged: re-extract it (headcache extract ... --overwrite)")
 
-        for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "created_by", "load_report", "dtype"):
-            if not isinstance(_plain(root[key]), str):
+        root = {key: _plain(value) if key not in ("layers", "token_layers") else value for key, value in root.items()}
+        for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "created_by", "dtype"):
+            if not isinstance(root[key], str):
                 raise bad(key, "a string")
         if not _is_int(root["hidden_dim"]) or int(root["hidden_dim"]) < 1:
             raise bad("hidden_dim", "a positive integer")
@@ -814,12 +855,13 @@ class CacheReader:
         self.spec = str(root["spec"])
         self.checkpoint_sha256 = str(root["checkpoint_sha256"])
         self.created_by = str(root["created_by"])
-        try:
-            self.load_report = json.loads(root["load_report"])
-        except ValueError:
-            raise SchemaError(f"{self.path}: the load_report attribute is not JSON; re-extract the cache") from None
-        if not isinstance(self.load_report, dict):
-            raise bad("load_report", "a JSON object")
+        self.load_report = self._read_load_report(root)
+        self.layers, self.token_layers = [SINGLE_LAYER], [SINGLE_LAYER]
+        if self.schema >= 3:
+            self.layers = self._read_layer_ids(root, "layers", bad)
+            self.token_layers = self._read_layer_ids(root, "token_layers", bad)
+            if [i for i in self.layers if i in self.token_layers] != self.token_layers:
+                raise bad("token_layers", f"some of the layers {self.layers}, in their order")
         self.amp: str | None = None
         if self.schema >= 2:
             if _plain(root["amp"]) not in AMPS:
@@ -850,6 +892,57 @@ class CacheReader:
                 "cache with this one (headcache extract ... --overwrite)"
             )
 
+    def _read_load_report(self, root: dict) -> dict:
+        """The load report: a root attribute up to schema 2, a checksummed dataset from schema 3."""
+        where = "the load_report dataset" if self.schema >= 3 else "the load_report attribute"
+        text = root.get("load_report")
+        if self.schema >= 3:
+            try:
+                dataset = self._file["load_report"]
+                if not isinstance(dataset, h5py.Dataset) or dataset.dtype != np.uint8 or dataset.ndim != 1:
+                    raise TypeError("not a 1-D uint8 dataset")
+                text = dataset[()].tobytes().decode("utf-8")
+            except _READ_ERRORS as exc:
+                raise SchemaError(f"{self.path}: {where} cannot be read ({exc}); the file is damaged: re-extract it "
+                                  "(headcache extract ... --overwrite)") from None
+        try:
+            report = json.loads(text)
+        except (TypeError, ValueError):
+            report = None
+        if not isinstance(report, dict):
+            raise SchemaError(f"{self.path}: {where} is not a JSON object; the file is damaged: re-extract it "
+                              "(headcache extract ... --overwrite)")
+        return report
+
+    @staticmethod
+    def _read_layer_ids(root: dict, key: str, bad: Callable[[str, str], SchemaError]) -> list[int]:
+        value = root[key]
+        if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == np.dtype("<i8") and len(value)
+                and len(set(value.tolist())) == len(value)):
+            raise bad(key, "a non-empty list of distinct int64 layer ids")
+        return [int(i) for i in value]
+
+    def layer_position(self, layer: int | str, *, tokens: bool = False) -> int | None:
+        """Where layer ``layer`` lies among the cached layers (``tokens``: among the token layers).
+
+        ``layer`` is a layer id, ``"last"`` (the last one) or ``"all"`` (None: every layer, in order).
+
+        Raises
+        ------
+        ConfigError
+            The layer is not cached (the message lists the cached ones).
+        """
+        ids = self.token_layers if tokens else self.layers
+        if layer == "all":
+            return None
+        if layer == "last":
+            return len(ids) - 1
+        if _is_int(layer) and int(layer) in ids:
+            return ids.index(int(layer))
+        kind = "per-token states of layers" if tokens else "layers"
+        raise ConfigError(f"{self.path} holds no layer {layer!r}: it caches {kind} "
+                          f"{', '.join(map(str, ids))} (choose one of them, `last` or `all`)")
+
     @cached_property
     def num_classes(self) -> int:
         """Classes of the cache's task (schema 1 did not record them: the labels of its complete splits say)."""
@@ -876,6 +969,8 @@ class CacheReader:
                     info = obj.id.get_chunk_info(i)
                     spans.append((info.byte_offset, info.byte_offset + info.size, split, name))
 
+        if self.schema >= 3:
+            collect("(root)", "load_report", self._file["load_report"])
         for split in self.splits:
             try:
                 self._file[split].visititems(lambda name, obj, split=split: collect(split, name, obj))
@@ -951,6 +1046,8 @@ class CacheReader:
             "amp": self.amp,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
+            "layers": self.layers,
+            "token_layers": self.token_layers,
             "backbone_fingerprint": self.backbone_fingerprint,
             "spec": self.spec,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -1057,22 +1154,41 @@ class SplitReader:
                 raise self._damaged(f"its {name} are stored as {have}, not strings", name)
             return self._guard(name, lambda: found.shape)
 
+        width = self.token_width("all")
         tokens = shape_of("tokens", "<f2" if self._reader.dtype == "float16" else "<f4")
-        if len(tokens) != 2 or tokens[1] != d:
-            raise self._damaged(f"its tokens are {tokens}, not (rows, {d}) for hidden_dim {d}")
-        for name, want in (("offsets", (n + 1,)), ("labels", (n,))):
+        if len(tokens) != 2 or tokens[1] != width:
+            raise self._damaged(f"its tokens are {tokens}, not (rows, {width}) for hidden_dim {d} and "
+                                f"{len(self._reader.token_layers)} token layers")
+        fixed = (("offsets", (n + 1,)), ("labels", (n,))) + ((("id_offsets", (n + 1,)),) if self._flat_ids else ())
+        for name, want in fixed:
             if shape_of(name, "<i8") != want:
                 raise self._damaged(f"its {name} are {shape_of(name, '<i8')}, not {want} for n={n}")
-        ids = shape_of("ids")
-        if len(ids) != 1 or ids[0] < self._rows:
-            raise self._damaged(f"its ids are {ids}, fewer than the {self._rows} sequences written")
+        if self._flat_ids:
+            if len(shape_of("id_bytes", "|u1")) != 1:
+                raise self._damaged(f"its id_bytes are {shape_of('id_bytes', '|u1')}, not one row of bytes")
+        else:
+            ids = shape_of("ids")
+            if len(ids) != 1 or ids[0] < self._rows:
+                raise self._damaged(f"its ids are {ids}, fewer than the {self._rows} sequences written")
         pooled = self._guard("pooled", lambda: self._group.get("pooled"))
         if not isinstance(pooled, h5py.Group):
             raise self._damaged("it has no 'pooled' group")
+        want = (n, len(self._reader.layers), d) if self._reader.schema >= 3 else (n, d)
         for pooled_name in self.pooled_names:
             have = shape_of(f"pooled/{pooled_name}", "<f4")
-            if have != (n, d):
-                raise self._damaged(f"its pooled {pooled_name!r} is {have}, not {(n, d)}")
+            if have != want:
+                raise self._damaged(f"its pooled {pooled_name!r} is {have}, not {want}")
+
+    @property
+    def _flat_ids(self) -> bool:
+        """Ids as flat UTF-8 bytes with offsets (schema 3), or variable-length strings (NOTE [ Nothing on the
+        global heap ])."""
+        return self._reader.schema >= 3
+
+    def token_width(self, layer: int | str = "last") -> int:
+        """Columns of `tokens` for ``layer``: D for one layer, Lt * D for ``"all"``."""
+        position = self._reader.layer_position(layer, tokens=True)
+        return self._reader.hidden_dim * (len(self._reader.token_layers) if position is None else 1)
 
     def _dataset(self, name: str) -> h5py.Dataset:
         """A dataset whose chunks are all in the file (checked once per dataset).
@@ -1130,7 +1246,8 @@ class SplitReader:
 
     @cached_property
     def data_fingerprint(self) -> str | None:
-        return str(self._attrs.get("data_fingerprint", "")) or None
+        fingerprint = _plain(self._attrs.get("data_fingerprint", ""))
+        return fingerprint if isinstance(fingerprint, str) and fingerprint else None
 
     @cached_property
     def pooled_names(self) -> list[str]:
@@ -1177,37 +1294,63 @@ class SplitReader:
 
     @cached_property
     def ids(self) -> list[str]:
-        ids = self._guard("ids", lambda: [str(i) for i in self._group["ids"].asstr()[: self._rows]])
+        ids = self._flat_id_list() if self._flat_ids else self._guard(
+            "ids", lambda: [str(i) for i in self._group["ids"].asstr()[: self._rows]])
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             twice = next(i for i in ids if i in seen or seen.add(i))
             raise self._damaged(f"id {twice!r} appears more than once", "ids")
-        # HDF5 cannot checksum variable-length strings: the data fingerprint recorded when the split
-        # was finished stands in (an sha256 over ids, labels and offsets, small next to the tokens).
+        # The data fingerprint recorded when the split was finished (an sha256 over ids, labels and
+        # offsets, small next to the tokens) covers schema 2's unchecksummed variable-length ids, and
+        # catches a chunk address moved onto other valid bytes (zeros pass fletcher32) in all schemas.
         if bool(self._attrs["complete"]) and self.data_fingerprint is not None:
             if data_fingerprint(ids, self.labels, self.offsets) != self.data_fingerprint:
                 raise self._damaged("its ids, labels or offsets differ from the data fingerprint recorded when it "
                                     "was finished", "ids")
         return ids
 
-    def pooled(self, name: str) -> np.ndarray:
-        """The pooled matrix ``name``, (N, D) float32.
+    def _flat_id_list(self) -> list[str]:
+        bounds = self._guard("id_offsets", lambda: self._dataset("id_offsets")[: self._rows + 1].astype(np.int64))
+        size = self._guard("id_bytes", lambda: self._group["id_bytes"].shape[0])
+        if bounds[0] != 0 or (np.diff(bounds) < 0).any() or bounds[-1] > size:
+            raise self._damaged(f"its id offsets are not increasing from 0 within the {size} id bytes", "id_offsets")
+        end = int(bounds[-1])
+        raw = self._guard("id_bytes", lambda: self._dataset("id_bytes")[:end].tobytes() if end else b"")
+        try:
+            return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        except UnicodeDecodeError as exc:
+            raise self._damaged(f"an id is not UTF-8 ({exc})", "id_bytes") from None
+
+    def pooled(self, name: str, layer: int | str = "last") -> np.ndarray:
+        """The pooled matrix ``name`` of one cached layer, (N, D) float32, or of ``"all"``, (N, L, D).
+
+        ``layer`` is a layer id of the cache, ``"last"`` or ``"all"`` (`CacheReader.layer_position`).
 
         Raises
         ------
         CacheError
             No pooled matrix of that name (the message lists the available ones), or it is damaged.
+        ConfigError
+            The layer is not cached.
         """
         if name not in self.pooled_names:
             available = ", ".join(self.pooled_names) or "none"
             raise CacheError(f"split {self.name!r} has no pooled {name!r}; available: {available}")
-        return self._guard(f"pooled/{name}", lambda: self._dataset(f"pooled/{name}")[: self._rows].astype(np.float32))
+        position = self._reader.layer_position(layer)
+        dataset = self._dataset(f"pooled/{name}")
+        if dataset.ndim == 2:  # schemas 1 and 2: one layer
+            matrix = self._guard(f"pooled/{name}", lambda: dataset[: self._rows])
+            return matrix[:, None, :] if position is None else matrix
+        where = np.s_[: self._rows] if position is None else np.s_[: self._rows, position]
+        return self._guard(f"pooled/{name}", lambda: dataset[where])
 
-    def tokens(self, start: int = 0, stop: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` of the flat token matrix, (stop - start, D), in the cache dtype.
+    def tokens(self, start: int = 0, stop: int | None = None, *, layer: int | str = "last",
+               out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the flat token matrix of one token layer, (stop - start, D), or of
+        ``"all"``, (stop - start, Lt * D) (``reshape(-1, Lt, D)`` gives the layer axis); in the cache dtype.
 
-        With ``out`` (C-contiguous, the cache dtype, at least stop - start rows of D), the rows are
-        read into its first rows and that view is returned: a reader that reuses its buffers
+        With ``out`` (C-contiguous, the cache dtype, at least stop - start rows of `token_width`), the
+        rows are read into its first rows and that view is returned: a reader that reuses its buffers
         allocates nothing per read.
         """
         stop = self.num_tokens if stop is None else stop
@@ -1215,17 +1358,21 @@ class SplitReader:
             raise CacheError(
                 f"split {self.name!r}: token rows [{start}, {stop}) are outside [0, {self.num_tokens})"
             )
+        position = self._reader.layer_position(layer, tokens=True)
+        d = self._reader.hidden_dim
+        columns = slice(None) if position is None or len(self._reader.token_layers) == 1 else \
+            slice(position * d, (position + 1) * d)
         dataset = self._dataset("tokens")
         if out is None:
-            return self._guard("tokens", lambda: dataset[start:stop])
+            return self._guard("tokens", lambda: dataset[start:stop, columns])
         if stop > start:  # HDF5 refuses an empty selection
-            self._guard("tokens", lambda: dataset.read_direct(out, np.s_[start:stop], np.s_[0:stop - start]))
+            self._guard("tokens", lambda: dataset.read_direct(out, np.s_[start:stop, columns], np.s_[0:stop - start]))
         return out[: stop - start]
 
-    def sequence(self, i: int) -> np.ndarray:
-        """Hidden states of sequence ``i``, (T_i, D), in the cache dtype."""
+    def sequence(self, i: int, layer: int | str = "last") -> np.ndarray:
+        """Hidden states of sequence ``i`` in one token layer, (T_i, D), in the cache dtype."""
         starts, stops = sequence_bounds(self.offsets, [i])
-        return self.tokens(int(starts[0]), int(stops[0]))
+        return self.tokens(int(starts[0]), int(stops[0]), layer=layer)
 
 
 def verify(path: str | Path) -> dict[str, list[str]]:
@@ -1233,8 +1380,8 @@ def verify(path: str | Path) -> dict[str, list[str]]:
 
     Checks what opening checks, plus every checksum (tokens chunk by chunk,
     so memory stays small), the validation of offsets, labels and ids, and a
-    complete split's data fingerprint (which covers the ids, which HDF5 cannot
-    checksum; `SplitReader.ids` checks it).
+    complete split's data fingerprint (over ids, labels and offsets; schema 2's
+    variable-length ids have no checksum of their own; `SplitReader.ids` checks it).
 
     Returns
     -------
@@ -1254,11 +1401,11 @@ def verify(path: str | Path) -> dict[str, list[str]]:
                 split = reader.split(name, require_complete=False)
                 split.ids  # reads and checks offsets and labels too (and the data fingerprint)
                 for pooled_name in split.pooled_names:
-                    split.pooled(pooled_name)
+                    split.pooled(pooled_name, "all")
                 tokens = split._group["tokens"]
                 step = tokens.chunks[0] if tokens.chunks else max(1, CHUNK_BYTES // max(1, tokens.dtype.itemsize))
                 for start in range(0, split.num_tokens, step):
-                    split.tokens(start, min(split.num_tokens, start + step))
+                    split.tokens(start, min(split.num_tokens, start + step), layer="all")
             except CacheError as exc:
                 found.append(str(exc))
     return problems
@@ -1327,8 +1474,30 @@ def _is_int(value: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """An HDF5 attribute as a Python value (numpy scalars unwrapped, arrays as lists), safe to compare."""
+    """An HDF5 attribute as a Python value (text decoded, numpy scalars unwrapped, arrays as lists), safe to
+    compare; text that is not UTF-8 stays bytes (which no check accepts)."""
+    if isinstance(value, bytes):  # a fixed-length text attribute (np.bytes_ is a bytes)
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(value)
     return value.item() if isinstance(value, np.generic) else value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _set_text(attrs: h5py.AttributeManager, key: str, text: str) -> None:
+    """A text attribute as a fixed-length UTF-8 byte string (NOTE [ Nothing on the global heap ])."""
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_TEXT_BYTES:
+        raise ConfigError(f"cache attribute {key!r} would be {len(raw)} bytes; HDF5 holds at most {MAX_TEXT_BYTES} "
+                          "in an attribute (too many classes, or class names too long?)")
+    attrs[key] = np.array(raw, dtype=f"S{max(1, len(raw))}")
+
+
+def _check_layer_ids(key: str, value: Any) -> list[int]:
+    ids = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if not ids or not all(_is_int(i) for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"the spec's {key} must be a non-empty list of distinct integers, got {value!r}")
+    return [int(i) for i in ids]
 
 
 def _check_writer_attrs(attrs: Mapping) -> dict:
@@ -1360,6 +1529,14 @@ def _check_writer_attrs(attrs: Mapping) -> dict:
     if num_classes is not None and names is None:
         attrs["class_names"] = default_class_names(int(num_classes))
     attrs["num_classes"] = None if num_classes is None else int(num_classes)
+    layers = [SINGLE_LAYER] if attrs["layers"] is None else _check_layer_ids("layers", attrs["layers"])
+    token_layers = layers[-1:] if attrs["token_layers"] is None else _check_layer_ids("token_layers",
+                                                                                      attrs["token_layers"])
+    outside = [i for i in token_layers if i not in layers]
+    if outside:
+        raise ConfigError(f"token layers {outside} are not among the cached layers {layers}; --token-layers takes "
+                          "`last`, `all` or some of the spec's layers")
+    attrs["layers"], attrs["token_layers"] = layers, sorted(token_layers, key=layers.index)
     return attrs
 
 
