@@ -186,9 +186,9 @@ def _record_plans(monkeypatch) -> list[tuple[list, list[int]]]:
     """(the stream's blocks, the plan) of every block reader started from here on."""
     plans, original = [], stream_module._BlockReader.__init__
 
-    def init(self, path, blocks, plan, buffers, device):
+    def init(self, path, blocks, plan, *rest):
         plans.append((blocks, list(plan)))
-        original(self, path, blocks, plan, buffers, device)
+        original(self, path, blocks, plan, *rest)
 
     monkeypatch.setattr(stream_module._BlockReader, "__init__", init)
     return plans
