@@ -178,7 +178,8 @@ def layered_backbone(layered_spec) -> torch.nn.Module:
 
 def _extract_layered(tmp_path_factory, dtype: str, token_layers: str) -> Path:
     out = tmp_path_factory.mktemp(f"layered_{dtype}_{token_layers}") / "cache.h5"
-    extract(LayeredSpec(), None, out, ExtractConfig(dtype=dtype, device="cpu", batch_size=16, token_layers=token_layers))
+    config = ExtractConfig(dtype=dtype, device="cpu", batch_size=16, token_layers=token_layers)
+    extract(LayeredSpec(), None, out, config)
     return out
 
 
