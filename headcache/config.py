@@ -294,8 +294,6 @@ class TrainConfig:
     """Settings of one head's training (never learned state)."""
 
     pool: str = setting("meanq", Options(POOL_NAMES), "Pool over the sequence axis.")
-    layer: str = setting("last", LayerText(), "The layer heads read: a cached layer id, last, or mix (a learned "
-                         "softmax over the cached layers; the learned pool: over the token layers).")
     head: str = setting("mlp", Options(HEADS), "Classification head.")
     loss: str | None = setting(None, OrNone(Options(LOSSES)), "Loss (unset: focal for two classes, else ce).")
     lr: float = setting(5e-4, Interval(numbers.Real, 0, None, closed="neither"), "AdamW learning rate.")
@@ -310,6 +308,8 @@ class TrainConfig:
                                "Gradient norm clipping, per head.")
     dropout: float = setting(0.1, Interval(numbers.Real, 0, 1, closed="left"), "Dropout of the mlp head.")
     hidden: int | None = setting(None, OrNone(_POSITIVE_INT), "Width of the mlp head (unset: hidden_dim // 2).")
+    layer: str = setting("last", LayerText(), "The layer heads read: a cached layer id, last, or mix (a learned "
+                         "softmax over the cached layers; the learned pool: over the token layers).")
     focal_gamma: float = setting(3.0, Interval(numbers.Real, 0, None, closed="left"), "Gamma of the focal loss.")
     seed: int = setting(0, Interval(numbers.Integral, 0, None, closed="left"),
                         "Seed of initialisation, batch order and dropout.")
