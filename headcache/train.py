@@ -437,7 +437,8 @@ def run_record(source: CachedFeatures, config: TrainConfig, splits: Sequence[str
     """The RunRecord of a head trained from ``source``: what train, sweep and cv write to config.json."""
     train_split, val, test = splits
     return RunRecord(config, str(source.path), (train_split, val, test), source.backbone_fingerprint, source.dtype,
-                     num_classes, source.hidden_dim, extra=extra)
+                     num_classes, source.hidden_dim, layers=source.pooled_layers, token_layers=source.token_layers,
+                     extra=extra)
 
 
 def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
@@ -462,7 +463,7 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     """
     started = time.perf_counter()
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
-                            memory_budget=config.memory_budget)
+                            memory_budget=config.memory_budget, layer=layer_view([config]))
     splits = resolve_splits(config, source.splits)
     sizes = {split: len(source.labels(split)) for split in splits if split}  # in order: the train split's errors first
     if splits[2] is not None and sizes[splits[2]] == 0:  # nothing to score or predict

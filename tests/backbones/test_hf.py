@@ -456,3 +456,71 @@ class TestLayers:
         with torch.inference_mode(), pytest.raises(SpecError, match="returned 3 hidden states, but its config's "
                                                                     "num_hidden_layers is 3 .expected 4."):
             spec.encode(module, val_batch(spec))
+
+
+class TestEveryLayerFromOneCache:
+    """Issue 11's Done-when: extract every layer once, then sweep every layer and the mix from that cache."""
+
+    def test_extract_all_layers_then_sweep_every_layer_and_the_mix(self, tmp_path, bert_folder, reviews_csv):
+        cache, out = tmp_path / "c.h5", tmp_path / "sweep"
+        result = hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", "layers=all")
+        assert result.exit_code == 0, result.output
+        summary = json.loads(run("inspect", cache, "--json").output)
+        assert (summary["layers"], summary["token_layers"]) == ([0, 1, 2], [2])
+        with CacheReader(cache) as reader:  # every layer's mean pool is transformers' hidden state, pooled
+            states = transformers_hidden_states(bert_folder, [r["text"] for r in rows_of(reviews_csv)
+                                                              if r["split"] == "val"])
+            pooled = reader.split("val").pooled("mean", "all")
+            assert pooled.shape == (24, 3, 32)
+            expected = np.stack([s.mean(1) for s in states])  # (N, L, D)
+            assert np.abs(pooled - expected).max() <= TOLERANCE
+        result = run("sweep", "--cache", cache, "--out", out, "--grid", "layer=0,1,2,mix", "--epochs", "3",
+                     "--device", "cpu", "--pool", "mean", "--hidden", "8", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert "4 heads trained in 1 batched" in " ".join(result.output.split())  # a layer is a slice of one matrix
+        board = json.loads((out / "leaderboard.json").read_text())
+        assert sorted(str(row["layer"]) for row in board) == ["0", "1", "2", "mix"]
+        assert (out / "layer_curve.png").stat().st_size > 0
+        runs = {json.loads((d / "config.json").read_text())["train"]["layer"]: d for d in (out / "runs").iterdir()}
+        weights = json.loads((runs["mix"] / "metrics.json").read_text())["layer_weights"]
+        assert sorted(weights) == ["0", "1", "2"] and abs(sum(weights.values()) - 1) <= 1e-6
+        assert (runs["mix"] / "layer_weights.png").stat().st_size > 0
+        for layer in ("0", "1", "2"):
+            assert "layer_weights" not in json.loads((runs[layer] / "metrics.json").read_text())
+            record = json.loads((runs[layer] / "config.json").read_text())
+            assert (record["layers"], record["token_layers"]) == ([0, 1, 2], [2])
+
+    @pytest.mark.parametrize("layer", ["1", "mix"])
+    def test_a_layer_or_mix_head_exports_and_predicts_its_runs_probabilities(self, tmp_path, bert_folder,
+                                                                             reviews_csv, layer):
+        cache, run_dir, model = tmp_path / "c.h5", tmp_path / "run", tmp_path / "model.pt"
+        assert hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", "layers=all").exit_code == 0
+        result = run("train", "--cache", cache, "--out", run_dir, "--epochs", "2", "--device", "cpu", "--pool",
+                     "meanq", "--layer", layer, "--quiet")
+        assert result.exit_code == 0, result.output
+        if layer == "mix":
+            assert re.search(r"layer mix \(softmax weight per layer\): 0: 0\.\d+, 1: 0\.\d+, 2: 0\.\d+", result.output)
+        result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
+                     "--spec-opt", f"data={reviews_csv}")
+        assert_user_error(result, "the head reads layers", "--spec-opt layers=all")  # without the extraction's layers
+        result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
+                     "--spec-opt", f"data={reviews_csv}", "--spec-opt", "layers=all")
+        assert result.exit_code == 0, result.output
+        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
+                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
+        preds = tmp_path / "preds.csv"
+        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
+                     "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
+        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
+        assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
+
+
+def transformers_hidden_states(folder: Path, texts: list[str]) -> list[np.ndarray]:
+    """Every hidden state transformers gives for each text alone: (L, T_i, D)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        return [torch.stack(model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states,
+                            1)[0].numpy() for text in texts]
