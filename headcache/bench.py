@@ -49,9 +49,10 @@ from headcache.devices import resolve_device
 from headcache.errors import EquivalenceError, OutputExistsError, OutputWriteError
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
+from headcache.pooling import is_learnable
 from headcache.rundir import replaced_atomically, write_json
 from headcache.spec import load_backbone, resolve_spec, spec_splits
-from headcache.train import HeadTask, fit, num_classes_of, resolve_splits, tasks_for_splits
+from headcache.train import HeadTask, fit, layer_view, num_classes_of, resolve_splits, tasks_for_splits
 
 # Largest |w_cached - w_end_to_end| over the final head weights of the check run that still counts as
 # the same training. Measured on the demo backbone at its default size (D = 256), float16 and float32
@@ -195,21 +196,25 @@ def bench(spec: str | Any, checkpoint: str | Path, *, epochs: int = 3, out: str 
                                    "give a path whose folders are directories you can write") from None
         cache = folder / "cache.h5"
         on_stage(f"extracting {train_split} and {val_split} (one backbone pass)")
+        # the learned pool reads tokens: of every layer when the head reads another than the last
+        token_layers = "all" if is_learnable(config.pool) and config.layer != "last" else "last"
         extracted = extract(spec, checkpoint, cache, ExtractConfig(
             splits=(train_split, val_split), dtype=dtype, device=config.device, key_map=key_map,
-            trust_checkpoint=trust_checkpoint, overwrite=True))
+            trust_checkpoint=trust_checkpoint, overwrite=True, token_layers=token_layers))
         report = extracted.load_report
 
         on_stage(f"training {epochs} epochs from the cache")
+        view = layer_view([config])
         cached = CachedFeatures(cache, pool=config.pool, device=device, expected_fingerprint=report.fingerprint,
-                                memory_budget=config.memory_budget)
+                                memory_budget=config.memory_budget, layer=view)
         num_classes = num_classes_of(cached, splits)
         [from_cache] = fit(cached, tasks_for_splits([config], cached, splits), num_classes=num_classes,
                            hidden_dim=cached.hidden_dim)
 
         on_stage(f"training {epochs} epochs end to end (the backbone in every step)")
         backbone, _ = load_backbone(spec, checkpoint, key_map=key_map, trust=trust_checkpoint)
-        live = LiveFeatures(spec, backbone.to(device), pool=config.pool, dtype=dtype, device=device)
+        live = LiveFeatures(spec, backbone.to(device), pool=config.pool, dtype=dtype, device=device, layer=view,
+                            token_layers=cached.token_layers)
         [end_to_end] = fit(live, tasks_for_splits([config], live, splits), num_classes=num_classes,
                            hidden_dim=cached.hidden_dim)
 

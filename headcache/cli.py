@@ -415,6 +415,9 @@ def train_command(
         result = train(cache, out, config, overwrite=overwrite, on_epoch=None if quiet else _epoch_printer())
         console.print(_metrics_table(f"best epoch {result.result.best_epoch} (of {result.result.epochs_run})",
                                      result.metrics))
+        if result.result.layer_weights is not None:
+            console.print(f"layer mix (softmax weight per layer): {_layer_weights(result.result.layer_weights)}",
+                          highlight=False)
         console.print(f"run written to {result.run_dir} in {result.seconds:.1f}s", highlight=False)
 
 
@@ -450,6 +453,10 @@ def demo_command(
 
 
 # ------------------------------------------------------------------------------------------ bench
+
+
+def _layer_weights(weights: dict[int, float]) -> str:
+    return ", ".join(f"{layer}: {weight:.3f}" for layer, weight in weights.items())
 
 
 def _bench_table(result) -> Table:

@@ -33,6 +33,7 @@ from headcache.store import DTYPES
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NONE_TEXTS = ("none", "null", "")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp name -> autocast dtype
+LAYER_WORDS = ("last", "mix")  # --layer's words; anything else is a layer id
 
 
 # ------------------------------------------------------------------------------------------ constraints
@@ -168,6 +169,20 @@ class PrefixMap(Constraint):
         return {"model.": 0}
 
 
+class LayerText(Constraint):
+    """``--layer``: "last", "mix" or a layer id as text (``"3"``, ``"-1"``); whether the cache has that id is
+    checked against the cache (the feature source), not here."""
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return isinstance(value, str) and (value in LAYER_WORDS or re.fullmatch(r"-?[0-9]+", value) is not None)
+
+    def __str__(self) -> str:
+        return f"{', '.join(LAYER_WORDS)} or a layer id (an integer as text, e.g. 3)"
+
+    def invalid_value(self) -> Any:
+        return "first"
+
+
 class OrNone(Constraint):
     """What ``inner`` allows, or None (the setting is unset and its documented default applies)."""
 
@@ -293,6 +308,8 @@ class TrainConfig:
                                "Gradient norm clipping, per head.")
     dropout: float = setting(0.1, Interval(numbers.Real, 0, 1, closed="left"), "Dropout of the mlp head.")
     hidden: int | None = setting(None, OrNone(_POSITIVE_INT), "Width of the mlp head (unset: hidden_dim // 2).")
+    layer: str = setting("last", LayerText(), "The layer heads read: a cached layer id, last, or mix (a learned "
+                         "softmax over the cached layers; the learned pool: over the token layers).")
     focal_gamma: float = setting(3.0, Interval(numbers.Real, 0, None, closed="left"), "Gamma of the focal loss.")
     seed: int = setting(0, Interval(numbers.Integral, 0, None, closed="left"),
                         "Seed of initialisation, batch order and dropout.")

@@ -34,7 +34,8 @@ from headcache.rundir import (
     replaced_atomically,
     write_predictions,
 )
-from headcache.spec import load_backbone, load_from_spec, resolve_spec, spec_member, spec_splits
+from headcache.spec import load_backbone, load_from_spec, resolve_spec, spec_layers, spec_member, spec_splits
+from headcache.store import SINGLE_LAYER
 
 MODEL_FORMAT = "headcache-model"
 
@@ -47,13 +48,37 @@ class DeployedModel(nn.Module):
         self.spec, self.backbone, self.dtype = spec, backbone, dtype
         self.pool_name = head_checkpoint["config"]["pool"]
         self.head = head_from_checkpoint(head_checkpoint)
+        self.positions = layer_positions(head_checkpoint, spec_layers(spec))
 
     @torch.no_grad()
     def forward(self, batch: Any) -> Tensor:
         hidden, mask = self.spec.encode(self.backbone, batch)
         # the features the head was trained on: NOTE [ One seam ] in pooling.py
-        features = head_inputs(hidden, mask, pool=self.pool_name, dtype=self.dtype)
+        layers = None if hidden.dim() == 3 else self.positions
+        features = head_inputs(hidden, mask, pool=self.pool_name, dtype=self.dtype, layers=layers)
         return torch.softmax(self.head(features)[0], dim=-1)
+
+
+def layer_positions(head: dict, spec_ids: list[int]) -> int | list[int]:
+    """Where the layers a head reads lie along its spec's layer axis: one position for a head of one layer,
+    the mix's positions for a learned layer mix.
+
+    A head trained on a cache of one unnamed layer (`SINGLE_LAYER`: a spec without layers, or any cache
+    from before layers) reads the spec's output, its last layer.
+
+    Raises
+    ------
+    ConfigError
+        The spec does not give a layer the head reads (the spec options of the extraction are missing).
+    """
+    wanted = head.get("layers") or [SINGLE_LAYER]  # head files from before layers do not say
+    missing = [layer for layer in wanted if layer not in spec_ids and layer != SINGLE_LAYER]
+    if missing:
+        raise ConfigError(f"the head reads layers {', '.join(map(str, wanted))}, but the spec gives layers "
+                          f"{', '.join(map(str, spec_ids))}: pass the spec options the cache was extracted with "
+                          "(e.g. --spec-opt layers=all)")
+    positions = [spec_ids.index(layer) if layer in spec_ids else len(spec_ids) - 1 for layer in wanted]
+    return positions if "mix.logits" in head["state"] else positions[0]
 
 
 @dataclass
@@ -91,6 +116,7 @@ def export(spec: str, checkpoint: str | Path, run_dir: str | Path, out: str | Pa
     head = read_head(head_path)
     spec_object = resolve_spec(spec, spec_options)
     backbone, report = load_backbone(spec_object, checkpoint, key_map=key_map, trust=trust)
+    layer_positions(head, spec_layers(spec_object))  # the spec gives the layers the head reads
     if report.fingerprint != head["backbone_fingerprint"]:
         raise FingerprintMismatchError(
             f"{head_path} was trained on a cache of backbone {head['backbone_fingerprint'][:12]}, but {checkpoint} "

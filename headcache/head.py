@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from headcache.errors import ConfigError
-from headcache.pooling import LearnedQueryPool, TokenBatch
+from headcache.pooling import LayerMix, LearnedQueryPool, TokenBatch
 
 BATCHNORM_MOMENTUM = 0.1
 BATCHNORM_EPS = 1e-5
@@ -230,26 +230,41 @@ def get_head(head: str | type[HeadBank] | HeadBank) -> type[HeadBank] | HeadBank
 
 
 class HeadModel(nn.Module):
-    """A learnable pool (if any) followed by a bank of heads: what a run trains and a head file holds."""
+    """A layer mix (if any), a learnable pool (if any), then a bank of heads: what a run trains and a head
+    file holds.
 
-    def __init__(self, bank: HeadBank, pool: LearnedQueryPool | None):
+    With a `LayerMix`, the features carry a layer axis (pooled (.., L, D), or a TokenBatch (.., L, T, D))
+    and the mix picks or mixes each head's layers first; the learned pool then pools the mixed tokens
+    (NOTE [ One seam ] in pooling.py).
+    """
+
+    def __init__(self, bank: HeadBank, pool: LearnedQueryPool | None, mix: LayerMix | None = None):
         super().__init__()
-        self.bank, self.pool = bank, pool
+        self.bank, self.pool, self.mix = bank, pool, mix
 
     def forward(self, features: Tensor | TokenBatch, generators: list[torch.Generator] | None = None) -> Tensor:
+        if self.mix is not None:
+            features = self.mix(features)
         if isinstance(features, TokenBatch):
             features = self.pool(features.hidden, features.mask)
         return self.bank(features, generators)
 
     def head_state(self, k: int) -> dict[str, Tensor]:
-        """Head k's pool and head tensors (copies, on the CPU): what a head file stores."""
+        """Head k's tensors (copies, on the CPU): what a head file stores. A learned layer mix adds its
+        logits (L,) as ``mix.logits``; a head reading one fixed layer stores what a one-layer run stores."""
         state = {f"bank.{n}": t for n, t in self.bank.head_state(k).items()}
         if self.pool is not None:
             state["pool.query"] = self.pool.query[k].detach().clone()
+        if self.mix is not None and self.mix.is_learned(k):
+            state["mix.logits"] = self.mix.logits[k].detach().clone()
         return {n: t.cpu() for n, t in state.items()}
 
     def load_head_state(self, k: int, state: dict[str, Tensor]) -> None:
+        """Put head k at ``state`` (from `head_state`, or a head file: one written before layers loads as
+        before, having no ``mix.logits``)."""
         self.bank.load_head_state(k, {n[len("bank."):]: t for n, t in state.items() if n.startswith("bank.")})
-        if self.pool is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.pool is not None:
                 self.pool.query[k].copy_(state["pool.query"])
+            if self.mix is not None and self.mix.is_learned(k):
+                self.mix.logits[k].copy_(state["mix.logits"])

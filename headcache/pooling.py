@@ -15,16 +15,26 @@ Hidden states from ``spec.encode`` become what a head reads in one place only:
    the cache format owns what storing float16 does to a number; NOTE
    [ Float16 rounding in the live source ] in features.py),
 2. turns the mask into bool,
-3. gives a parameter-free pool's (N, D) float32 vectors of the rounded states,
-   or, for a learnable pool, a TokenBatch of the rounded states with padding
-   zeroed.
+3. gives a parameter-free pool's float32 vectors of the rounded states, or,
+   for a learnable pool, a TokenBatch of the rounded states with padding
+   zeroed; of one layer, or of several, keeping their layer axis.
 
 Extraction calls its sibling `cache_inputs`, which does steps 1 and 2 once and
-then computes every parameter-free pool of those same rounded states (what the
-cache stores); the live source and the exported model call `head_inputs`. The
-cached and the live features are then equal by construction, not by three
-copies kept in step, and the equivalence proof (tests/test_equivalence.py)
-rests on it. Nothing else in the package pools hidden states.
+then computes every parameter-free pool of those same rounded states, every
+layer of them (what the cache stores); the live source and the exported model
+call `head_inputs`. The cached and the live features are then equal by
+construction, not by three copies kept in step, and the equivalence proof
+(tests/test_equivalence.py) rests on it. Nothing else in the package pools
+hidden states.
+
+Layers: hidden (B, L, T, D) holds L layers of one batch under one mask (B, T).
+A parameter-free pool is applied to each layer as if it were alone (the pools
+broadcast the mask over the layer axis; tests check the result bit for bit
+against pooling the layer by itself), so a layer's stored vector is the one a
+one-layer cache of that layer would hold. A layer mix (`LayerMix`) comes
+after: parameter-free pools mix the pooled vectors (pool, then mix: for the
+mean pool this IS pooling the mixed states, as the mean is linear), the
+learned pool mixes the token states before it pools them.
 
 pooling imports `round_through` from store.py rather than owning a copy: the
 rounding is a property of the format, store.py imports no other headcache
@@ -34,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +65,13 @@ def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
+def _layer_mask(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The mask (B, T) of hidden (B, L, T, D) as (B, 1, T): every layer of a sequence has its positions
+    (NOTE [ One seam ]); a mask with as many leading axes as hidden is returned as it is."""
+    missing = hidden.dim() - 1 - mask.dim()
+    return mask.reshape(mask.shape[:-1] + (1,) * missing + mask.shape[-1:]) if missing > 0 else mask
+
+
 def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     weights = mask.to(hidden.dtype)
     # Zero the padding first: 0 * inf would otherwise turn into NaN.
@@ -62,18 +79,23 @@ def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     return total / weights.sum(-1, keepdim=True)
 
 
+# The parameter-free pools take hidden (..., T, D) with mask (..., T), or hidden (B, L, T, D) with the mask
+# (B, T) of all its layers, and pool each layer as if it were alone (NOTE [ One seam ]).
+
+
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """Plain mean over real positions."""
-    return _masked_mean(hidden, mask)
+    return _masked_mean(hidden, _layer_mask(hidden, mask))
 
 
 def max_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """Feature-wise max over real positions."""
-    return hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=-2)
+    return hidden.masked_fill(~_layer_mask(hidden, mask).unsqueeze(-1), float("-inf")).amax(dim=-2)
 
 
 def last_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """The last real position (for causal backbones, the one that has seen everything)."""
+    mask = _layer_mask(hidden, mask)
     positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, -1).amax(dim=-1)
     index = last.clamp(min=0)[..., None, None].expand(*hidden.shape[:-2], 1, hidden.shape[-1])
@@ -81,6 +103,7 @@ def last_pool(hidden: Tensor, mask: Tensor) -> Tensor:
 
 
 def _mean_query(hidden: Tensor, mask: Tensor, scale: float) -> Tensor:
+    mask = _layer_mask(hidden, mask)
     query = _masked_mean(hidden, mask)
     clean = hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
     scores = (clean * query.unsqueeze(-2)).sum(-1) * scale
@@ -188,6 +211,86 @@ def create_pool(pool: str | Pool, *, num_heads: int, dim: int) -> nn.Module | No
     return None
 
 
+class LayerMix(nn.Module):
+    """Which layer each of K heads reads: a fixed layer, or a learned softmax mix of all L layers (SUPERB).
+
+    A fixed head's features are gathered from its layer by index, so they are bit for bit the features
+    a one-layer source of that layer gives (no float one-hot product). A learned head mixes the layers
+    with softmax(logits[k]), the logits zero-initialised (an even mix to start with), as s3prl's
+    featurizer does. Parameter-free pools are mixed after pooling, the learned pool's tokens before
+    (NOTE [ One seam ]).
+
+    Parameters
+    ----------
+    num_heads : int
+        K.
+    num_layers : int
+        L, the layers of the features (positions 0 .. L - 1 along their layer axis).
+    choices : sequence of (int or None)
+        Per head: the position of its fixed layer, or None for a learned mix.
+
+    Example
+    -------
+    >>> mix = LayerMix(2, 3, [1, None])
+    >>> mix(torch.ones(4, 3, 8)).shape  # pooled (B, L, D), shared by both heads
+    torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, num_heads: int, num_layers: int, choices: Sequence[int | None]):
+        super().__init__()
+        if len(choices) != num_heads:
+            raise ValueError(f"LayerMix needs one choice per head: got {len(choices)} for {num_heads} heads")
+        if any(c is not None and not 0 <= c < num_layers for c in choices):
+            raise ValueError(f"LayerMix choices {list(choices)} must be None or positions in [0, {num_layers})")
+        self.num_heads, self.num_layers, self.choices = num_heads, num_layers, list(choices)
+        self.fixed = [k for k, c in enumerate(choices) if c is not None]
+        self.learned = [k for k, c in enumerate(choices) if c is None]
+        # a fixed head has no logits to train: a bank of fixed heads only has no parameter (so no
+        # gradient is missing), and in a bank with learned heads the fixed heads' rows stay zero
+        self.register_parameter("logits", nn.Parameter(torch.zeros(num_heads, num_layers)) if self.learned else None)
+        self.register_buffer("_fixed_heads", torch.tensor(self.fixed, dtype=torch.long), persistent=False)
+        self.register_buffer("_fixed_layers", torch.tensor([choices[k] for k in self.fixed], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("_learned_heads", torch.tensor(self.learned, dtype=torch.long), persistent=False)
+        order = self.fixed + self.learned  # the heads as computed: fixed ones first
+        self.register_buffer("_order", torch.tensor([order.index(k) for k in range(num_heads)], dtype=torch.long),
+                             persistent=False)
+
+    def is_learned(self, k: int) -> bool:
+        """Whether head k's layer mix is learned (its logits are part of its state)."""
+        return self.choices[k] is None
+
+    def weights(self, k: int) -> Tensor:
+        """Head k's weight of each layer (L,): its softmax mix, or one-hot at its fixed layer."""
+        if self.is_learned(k):
+            return torch.softmax(self.logits[k].detach(), dim=-1)
+        return torch.nn.functional.one_hot(torch.tensor(self.choices[k]), self.num_layers).float()
+
+    def forward(self, features: Tensor | TokenBatch) -> Tensor | TokenBatch:
+        """Pooled (B, L, D) shared by all heads or (K, B, L, D) one batch per head -> (K, B, D); a TokenBatch
+        hidden (B, L, T, D) or (K, B, L, T, D) -> (K, B, T, D), the mask as it came."""
+        if isinstance(features, TokenBatch):
+            return TokenBatch(self._mix(features.hidden, tokens=True), features.mask)
+        return self._mix(features, tokens=False)
+
+    def _mix(self, x: Tensor, *, tokens: bool) -> Tensor:
+        shared = x.dim() == (4 if tokens else 3)  # no leading head axis
+        parts = []
+        if self.fixed:  # an index gather: exactly the layer's numbers
+            if shared:
+                parts.append(x.movedim(1, 0).index_select(0, self._fixed_layers))
+            else:
+                parts.append(x[self._fixed_heads, :, self._fixed_layers])
+        if self.learned:
+            weights = torch.softmax(self.logits.index_select(0, self._learned_heads), dim=-1)
+            if shared:
+                parts.append(torch.einsum("kl,bl...->kb...", weights, x))
+            else:
+                parts.append(torch.einsum("kl,kbl...->kb...", weights, x.index_select(0, self._learned_heads)))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if not (self.fixed and self.learned) else out.index_select(0, self._order)
+
+
 def pool_parameter_free(name: str, hidden: Tensor, mask: Tensor) -> Tensor:
     """Apply a parameter-free pool by name, in float32, to states already rounded as the caller needs
     (what tests and cache-writing scripts use; the package goes through NOTE [ One seam ])."""
@@ -202,42 +305,82 @@ def _rounded(hidden: Tensor, mask: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
     return round_through(hidden, dtype), mask.bool()
 
 
-def head_inputs(hidden: Tensor, mask: Tensor, *, pool: str | Pool, dtype: str) -> Tensor | TokenBatch:
+def _select_layers(hidden: Tensor, layers: int | Sequence[int] | None) -> Tensor:
+    """hidden (B, T, D) or (B, L, T, D) -> the layer at position ``layers`` (B, T, D), or the positions
+    ``layers`` (B, L', T, D); a 3-D hidden is the one layer of a spec that names one (L == 1)."""
+    if layers is None:
+        if hidden.dim() == 4 and hidden.shape[1] != 1:
+            raise ValueError(f"hidden {list(hidden.shape)} holds {hidden.shape[1]} layers: say which (layers=)")
+        return hidden.squeeze(1) if hidden.dim() == 4 else hidden
+    stacked = hidden if hidden.dim() == 4 else hidden.unsqueeze(1)
+    positions = [layers] if isinstance(layers, int) else list(layers)
+    if not positions or any(not 0 <= p < stacked.shape[1] for p in positions):
+        raise ValueError(f"layer positions {positions} are not all in [0, {stacked.shape[1]}) of hidden "
+                         f"{list(hidden.shape)}")
+    if isinstance(layers, int):
+        return stacked[:, layers]
+    return stacked.index_select(1, torch.tensor(positions, device=hidden.device))
+
+
+def head_inputs(hidden: Tensor, mask: Tensor, *, pool: str | Pool, dtype: str,
+                layers: int | Sequence[int] | None = None) -> Tensor | TokenBatch:
     """What a head reads, from the backbone's hidden states (NOTE [ One seam ]).
 
     Parameters
     ----------
-    hidden : Tensor (B, T, D)
-        ``spec.encode``'s states, any float dtype.
+    hidden : Tensor (B, T, D) or (B, L, T, D)
+        ``spec.encode``'s states, any float dtype; (B, L, T, D) for a spec with L ``layers``.
     mask : Tensor (B, T)
-        True on real positions.
+        True on real positions (of every layer).
     pool : str or pool
         A registered pool name (`POOL_NAMES`), or a pool itself (see `get_pool`).
     dtype : {"float16", "float32"}
         The cache's storage dtype, rounded through so live features equal cached ones.
+    layers : int or sequence of int, optional
+        Positions along L (a 3-D hidden is one layer, position 0). An int: that layer, features as for a
+        one-layer hidden. A sequence: those layers, in that order, with a layer axis kept for a `LayerMix`.
+        None (default): hidden must hold one layer.
 
     Returns
     -------
-    Tensor (B, D) float32
-        For a parameter-free pool: the pooled rounded states.
+    Tensor (B, D) or (B, L', D) float32
+        For a parameter-free pool: the pooled rounded states (of each layer).
     TokenBatch
-        For a learnable pool: the rounded states with padding zeroed (B, T, D), and the bool mask.
+        For a learnable pool: the rounded states with padding zeroed, hidden (B, T, D) or (B, L', T, D),
+        and the bool mask (B, T).
 
     Example
     -------
     >>> head_inputs(torch.ones(1, 2, 4), torch.tensor([[True, False]]), pool="mean", dtype="float16").shape
     torch.Size([1, 4])
+    >>> head_inputs(torch.ones(1, 3, 2, 4), torch.tensor([[True, False]]), pool="mean", dtype="float16",
+    ...             layers=[2, 0]).shape
+    torch.Size([1, 2, 4])
     """
     found = get_pool(pool)
-    rounded, mask = _rounded(hidden, mask, dtype)
+    rounded, mask = _rounded(_select_layers(hidden, layers), mask, dtype)
     if _is_module_pool(found):
-        return TokenBatch(rounded.masked_fill(~mask.unsqueeze(-1), 0.0), mask)
+        return TokenBatch(rounded.masked_fill(~_layer_mask(rounded, mask).unsqueeze(-1), 0.0), mask)
     return found(rounded, mask)
 
 
 def cache_inputs(hidden: Tensor, mask: Tensor, *, dtype: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """What extraction stores, from one rounding (NOTE [ One seam ]): the rounded states (B, T, D) float32
-    (exact in ``dtype``), the bool mask (B, T), and every parameter-free pool's (B, D) float32 vectors of
-    those states, equal to what `head_inputs` gives for that pool."""
+    """What extraction stores, from one rounding (NOTE [ One seam ]).
+
+    Parameters
+    ----------
+    hidden : Tensor (B, T, D) or (B, L, T, D)
+    mask : Tensor (B, T)
+    dtype : {"float16", "float32"}
+
+    Returns
+    -------
+    rounded : Tensor float32, the shape of ``hidden``
+        The states exact in ``dtype`` (extraction keeps the token layers' slices of them).
+    mask : Tensor (B, T) bool
+    pooled : dict of str to Tensor (B, D), or (B, L, D) for a 4-D hidden, float32
+        Every parameter-free pool of those states, every layer pooled: equal to what `head_inputs` gives
+        for that pool (and that layer).
+    """
     rounded, mask = _rounded(hidden, mask, dtype)
     return rounded, mask, {name: pool(rounded, mask) for name, pool in PARAMETER_FREE_POOLS.items()}

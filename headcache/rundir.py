@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from headcache.config import TrainConfig
 from headcache.errors import CheckpointError, HeadcacheError, OutputExistsError, OutputWriteError, RunInterrupted
 from headcache.head import HeadModel, get_head
-from headcache.pooling import create_pool
+from headcache.pooling import LayerMix, create_pool, is_learnable
 
 try:
     import fcntl
@@ -355,9 +355,11 @@ class RunRecord:
     ``splits`` are (train, val, test) (val None for a refit, test None
     without one). ``dtype`` is the cache's storage dtype: the deployed model
     rounds the backbone's states through it, as the cache did. ``amp`` is the
-    cache's mixed precision once the cache records it. Layers join here when
-    the cache has them. ``loss_constants`` and ``monitor`` are learned and
-    added when the run finishes.
+    cache's mixed precision once the cache records it. ``layers`` and
+    ``token_layers`` are the cache's (None in a record written before layers:
+    one layer); `head_layers` says which of them a head reads.
+    ``loss_constants`` and ``monitor`` are learned and added when the run
+    finishes.
     """
 
     train: TrainConfig
@@ -368,6 +370,8 @@ class RunRecord:
     num_classes: int
     hidden_dim: int
     amp: str | None = None
+    layers: list[int] | None = None
+    token_layers: list[int] | None = None
     extra: SweepRun | FoldRun | RefitRun | None = None
     loss_constants: dict | None = None
     monitor: str | None = None
@@ -408,6 +412,15 @@ class RunRecord:
 
 def _names(kind: type) -> list[str]:
     return [f.name for f in fields(kind)]
+
+
+def head_layers(config: TrainConfig, record: RunRecord) -> list[int]:
+    """The layer ids a head reads, in order: its one layer, or every layer its mix weighs (the cache's
+    layers for a parameter-free pool, its token layers for the learned pool)."""
+    readable = (record.token_layers if is_learnable(config.pool) else record.layers) or [-1]
+    if config.layer == "mix":
+        return list(readable)
+    return [readable[-1] if config.layer == "last" else int(config.layer)]
 
 
 def _known(kind: type, d: Mapping) -> dict:
@@ -465,8 +478,12 @@ def save_run(folder: Path, result: FitResult, record: RunRecord, *, ids: dict[st
     for role, probs in result.predictions.items():
         if ids and role in ids:
             write_predictions(folder / f"predictions_{role}.csv", ids[role], probs)
+    weights = {}
+    if result.layer_weights is not None:
+        weights = {"layer_weights": {str(layer): w for layer, w in result.layer_weights.items()}}
+        plot_layer_weights(result.layer_weights, folder / "layer_weights.png")
     write_json(folder / "metrics.json", {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                                         "monitor": result.monitor, **result.metrics})
+                                         "monitor": result.monitor, **weights, **result.metrics})
 
 
 def write_predictions(path: Path, ids: Sequence[str], probs: np.ndarray, labels: Sequence[Any] | None = None) -> None:
@@ -483,7 +500,8 @@ def head_checkpoint(result: FitResult, state: dict[str, Tensor], epoch: int, rec
     """A head file's contents: everything export and predict need, loadable with weights_only=True."""
     return {"format": HEAD_FORMAT, "version": HEAD_VERSION, "config": result.config.to_dict(), "epoch": epoch,
             "monitor": result.monitor, "best_value": result.best_value, "hidden_dim": record.hidden_dim,
-            "num_classes": record.num_classes, "backbone_fingerprint": record.backbone_fingerprint, "state": state}
+            "num_classes": record.num_classes, "backbone_fingerprint": record.backbone_fingerprint,
+            "layers": head_layers(result.config, record), "state": state}
 
 
 def read_head(path: str | Path) -> dict:
@@ -528,7 +546,9 @@ def head_from_checkpoint(checkpoint: dict, *, path: str | Path = "the head file"
     bank = get_head(config.head)(1, checkpoint["hidden_dim"], checkpoint["num_classes"], config.hidden,
                                  [config.dropout])
     pool = create_pool(config.pool, num_heads=1, dim=checkpoint["hidden_dim"])
-    model = HeadModel(bank, pool)
+    logits = checkpoint["state"].get("mix.logits")  # a learned layer mix (head files since layers)
+    mix = None if logits is None else LayerMix(1, len(logits), [None])
+    model = HeadModel(bank, pool, mix)
     model.load_head_state(0, checkpoint["state"])
     return model.eval()
 
@@ -609,6 +629,44 @@ def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
             ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch")
         ax.set_xlabel("epoch")
         ax.legend()
+    _save_figure(figure, path)
+
+
+def plot_layer_weights(weights: Mapping[int, float], path: Path) -> None:
+    """layer_weights.png: a learned layer mix's softmax weight of each layer."""
+    figure, [ax] = _figure((max(4, 0.5 * len(weights) + 2), 3))
+    ax.bar([str(layer) for layer in weights], list(weights.values()))
+    ax.axhline(1 / len(weights), color="grey", linestyle=":", label="even mix (the start)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("softmax weight")
+    ax.legend()
+    _save_figure(figure, path)
+
+
+def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
+    """layer_curve.png: val and test AUROC (95% intervals) of the best run of each layer, and of the mix."""
+    by_layer: dict[str, dict] = {}
+    for row in rows:  # rows come best first: the first of a layer is its best
+        if row.get("val_auroc") is not None:
+            by_layer.setdefault(str(row["layer"]), row)
+    ids = sorted(int(name) for name in by_layer if name.lstrip("-").isdigit())
+    names = [str(i) for i in ids] + [name for name in ("last", "mix") if name in by_layer]
+    figure, [ax] = _figure((max(5, 0.6 * len(names) + 2), 3.5))
+    positions = np.arange(len(names))
+    for offset, role in ((-0.1, "val"), (0.1, "test")):
+        metric = f"{role}_auroc"
+        have = [i for i, name in enumerate(names) if by_layer[name].get(metric) is not None]
+        values = np.array([by_layer[names[i]][metric] for i in have], dtype=float)
+        low, high = (np.array([by_layer[names[i]].get(f"{metric}_{end}", by_layer[names[i]][metric])
+                               for i in have], dtype=float) for end in ("ci_low", "ci_high"))
+        ax.errorbar(positions[have] + offset, values, yerr=np.stack([values - low, high - values]), fmt="o",
+                    capsize=3, label=f"{role} AUROC")
+    ax.set_xticks(positions, names)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AUROC (95% bootstrap interval)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
     _save_figure(figure, path)
 
 

@@ -162,7 +162,9 @@ def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] |
     SpecError
         Naming encode, what it returned and what was expected.
     """
-    hidden_shape = "[B, T, D]" if not layers else f"[B, T, D] or [B, {len(layers)}, T, D] (one per spec.layers)"
+    several = bool(layers) and len(layers) > 1  # then one state per layer: [B, T, D] would lose the layer axis
+    hidden_shape = "[B, T, D]" if not layers else f"[B, {len(layers)}, T, D] (one per spec.layers)" if several else \
+        "[B, T, D] or [B, 1, T, D] (spec.layers names one)"
     expected = f"expected (hidden {hidden_shape} float tensor, mask [B, T] bool tensor) with B={batch_size}"
 
     def refuse(got: str) -> SpecError:
@@ -175,7 +177,7 @@ def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] |
     if not isinstance(hidden, Tensor) or not isinstance(mask, Tensor):
         raise refuse(f"({type(hidden).__name__}, {type(mask).__name__})")
     got = f"hidden {list(hidden.shape)} {str(hidden.dtype).removeprefix('torch.')} and mask {list(mask.shape)}"
-    ndim_ok = hidden.ndim == 3 or (hidden.ndim == 4 and bool(layers) and hidden.shape[1] == len(layers))
+    ndim_ok = (hidden.ndim == 3 and not several) or (hidden.ndim == 4 and bool(layers) and hidden.shape[1] == len(layers))
     if not ndim_ok or not hidden.is_floating_point() or hidden.shape[0] != batch_size:
         raise refuse(got)
     if mask.shape != (hidden.shape[0], hidden.shape[-2]) or mask.is_complex():

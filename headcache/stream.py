@@ -26,7 +26,10 @@ split together within the budget and leaves room for the batches gathered
 from the blocks. Blocks are read into the same few reused buffers. Batches are
 gathered exactly as from memory: under the same order, streamed and in-memory
 features are equal, bit for bit. Requests outside the plan (evaluation reads
-rows in order) restart the reader there, reading ahead.
+rows in order) restart the reader there, reading ahead. A source reading every
+token layer (the "all" view) streams rows of Lt * D, the tokens of all its
+layers side by side as the file stores them, and its blocks hold that many
+fewer tokens for the same bytes.
 """
 from __future__ import annotations
 
@@ -183,17 +186,21 @@ class TokenStream:
         The parts of the split, in order.
     offsets : Tensor (N + 1,) int64
         Token offsets over all parts (part p starts at the row after p - 1's last).
-    hidden_dim : int
+    width : int
+        The width of a token row: D for one layer's tokens, Lt * D for every token layer's
+        (`SplitReader.token_width`).
     dtype : str
         The cache dtype (blocks stay in it; batches are float32).
     block_tokens : int
         Tokens per block (a longer sequence gets a block of its own).
     device : torch.device
+    layer : int or str, optional
+        Which token layers to read (`SplitReader.tokens`'s ``layer``: an id, "last" or "all").
     """
 
-    def __init__(self, path: Path, parts: list[tuple[str, int]], offsets: Tensor, hidden_dim: int, dtype: str,
-                 block_tokens: int, device: torch.device):
-        self.path, self.offsets, self.hidden_dim, self.device = path, offsets, hidden_dim, device
+    def __init__(self, path: Path, parts: list[tuple[str, int]], offsets: Tensor, width: int, dtype: str,
+                 block_tokens: int, device: torch.device, layer: int | str = "last"):
+        self.path, self.offsets, self.width, self.device, self.layer = path, offsets, width, device, layer
         ends = offsets.numpy()
         bounds, self.blocks, first = [0], [], 0
         for name, n in parts:
@@ -209,7 +216,7 @@ class TokenStream:
             first += n
         self.bounds = torch.tensor(bounds)
         widest = max((stop - start for _, start, stop, _, _ in self.blocks), default=0)
-        self.buffers = _Buffers(widest, hidden_dim, getattr(torch, dtype), pinned=device.type == "cuda")
+        self.buffers = _Buffers(widest, width, getattr(torch, dtype), pinned=device.type == "cuda")
         self._expected: list[int] | None = None  # the reads of the epoch the sampler drew last, not yet started
         self._resident: dict[int, tuple[Tensor, Tensor | None]] = {}  # block -> (its rows, its host buffer)
         self._reader: _BlockReader | None = None
@@ -242,7 +249,7 @@ class TokenStream:
             return self._gather(needed[0], rows)
         lengths = self.offsets[rows + 1] - self.offsets[rows]
         longest = int(lengths.max()) if lengths.numel() else 0
-        hidden = torch.zeros(*rows.shape, longest, self.hidden_dim, device=self.device)
+        hidden = torch.zeros(*rows.shape, longest, self.width, device=self.device)
         mask = torch.zeros(*rows.shape, longest, dtype=torch.bool, device=self.device)
         for b in needed:
             where = block == b
@@ -273,7 +280,9 @@ class TokenStream:
     def _start(self, plan: list[int]) -> None:
         if self._reader is not None:
             self._reader.close()
-        self._reader = _BlockReader(self.path, self.blocks, plan, self.buffers, self.device) if plan else None
+        self._reader = None
+        if plan:
+            self._reader = _BlockReader(self.path, self.blocks, plan, self.buffers, self.device, self.layer)
 
     def _take(self, b: int) -> tuple[Tensor, Tensor | None]:
         """Block b from the reader; a request outside its plan restarts it there, reading ahead in order."""
@@ -317,8 +326,9 @@ class _BlockReader:
     frozen inside an HDF5 call would keep h5py's lock, and the exit would wait for it forever.
     """
 
-    def __init__(self, path: Path, blocks: list[tuple], plan: list[int], buffers: _Buffers, device: torch.device):
-        self.plan, self.position, self.buffers, self.device = plan, 0, buffers, device
+    def __init__(self, path: Path, blocks: list[tuple], plan: list[int], buffers: _Buffers, device: torch.device,
+                 layer: int | str):
+        self.plan, self.position, self.buffers, self.device, self.layer = plan, 0, buffers, device, layer
         self.ready: queue.Queue = queue.Queue(maxsize=PREFETCH_BLOCKS)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(path, blocks), daemon=True)
@@ -336,7 +346,7 @@ class _BlockReader:
                     if name not in splits:
                         splits[name] = reader.split(name)
                     buffer = self.buffers.acquire()
-                    splits[name].tokens(start, stop, out=buffer.numpy())
+                    splits[name].tokens(start, stop, layer=self.layer, out=buffer.numpy())
                     self.ready.put((buffer, stop - start))
         except BaseException as exc:  # handed to the training thread by take()
             self.ready.put(exc)

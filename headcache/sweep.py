@@ -35,6 +35,7 @@ from headcache.rundir import (
     Output,
     SweepRun,
     best_first,
+    plot_layer_curve,
     plot_leaderboard,
     result_columns,
     save_run,
@@ -47,6 +48,7 @@ from headcache.train import (
     HeadTask,
     bank_key,
     fit,
+    layer_view,
     num_classes_of,
     require_classes,
     resolve_splits,
@@ -141,7 +143,11 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 class FeatureSources:
-    """One feature source per (pool, device, memory budget), opened when first asked for."""
+    """One feature source per (pool, device, memory budget, layer view), opened when first asked for.
+
+    The layer view is a bank's (`train.layer_view`): heads reading different layers, or a layer mix,
+    share one source that keeps every layer, a layer being a slice of the same on-device matrix.
+    """
 
     def __init__(self, cache: str | Path):
         self.cache = cache
@@ -151,10 +157,11 @@ class FeatureSources:
     def key(config: TrainConfig) -> tuple:
         return config.pool, resolve_device(config.device), config.memory_budget
 
-    def __call__(self, config: TrainConfig) -> CachedFeatures:
-        key = self.key(config)
+    def __call__(self, config: TrainConfig, layer: int | str = "last") -> CachedFeatures:
+        key = self.key(config) + (layer,)
         if key not in self._open:
-            self._open[key] = CachedFeatures(self.cache, pool=key[0], device=key[1], memory_budget=key[2])
+            self._open[key] = CachedFeatures(self.cache, pool=key[0], device=key[1], memory_budget=key[2],
+                                             layer=layer)
         return self._open[key]
 
 
@@ -179,7 +186,8 @@ def train_banks(sources: FeatureSources, banks: list[Bank], *, num_classes: int,
         tasks = bank.tasks if ranks is None else [
             replace(task, config=replace(task.config, device=ranks.device(task.config.device))) for task in bank.tasks]
         hook = None if on_epoch is None else _named(on_epoch, bank.heads)
-        fitted = fit(sources(tasks[0].config), tasks, num_classes=num_classes, hidden_dim=hidden_dim, on_epoch=hook)
+        source = sources(tasks[0].config, layer_view([task.config for task in tasks]))
+        fitted = fit(source, tasks, num_classes=num_classes, hidden_dim=hidden_dim, on_epoch=hook)
         for result, task in zip(fitted, bank.tasks):
             result.config = task.config  # the config as asked, not this rank's device
         results.update(zip(bank.heads, fitted))
@@ -311,6 +319,8 @@ def sweep(cache: str | Path, out: str | Path, grid: Mapping[str, Sequence[Any]] 
         write_table(folder / "leaderboard", rows)
         plot_leaderboard(rows, folder / "sweep.png", title=f"sweep over {', '.join(keys) or 'seeds'}: "
                          f"{len(rows)} heads, {len(banks)} bank{'s' if len(banks) != 1 else ''}")
+        if "layer" in keys:
+            plot_layer_curve(rows, folder / "layer_curve.png", title=f"the best head of each layer ({len(rows)} heads)")
         best = next(h for h in heads if h.name == rows[0]["run"])
         write_json(folder / SWEEP.last, {"run": best.name, "train": best.config.to_dict(),
                                          **{k: v for k, v in rows[0].items() if k.startswith(("val_", "test_"))}})

@@ -29,12 +29,12 @@ from torch import Tensor
 from headcache.config import TrainConfig
 from headcache.devices import resolve_device
 from headcache.errors import ConfigError, DataError
-from headcache.features import CachedFeatures
+from headcache.features import CachedFeatures, as_layer
 from headcache.head import HeadModel, get_head
 from headcache.losses import LossConstants, default_loss, loss_constants, stack_constants, stacked_loss
 from headcache.metrics import bootstrap_intervals, classification_metrics, fast_auroc, rows_auprc
 from headcache.optim import StackedAdamW, clip_per_head
-from headcache.pooling import create_pool
+from headcache.pooling import LayerMix, create_pool, is_learnable
 from headcache.rundir import RUN, FoldRun, Output, RefitRun, RunRecord, SweepRun, save_run, write_record
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
@@ -81,11 +81,46 @@ class FitResult:
     last_state: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    # a head with a learned layer mix: each layer id's softmax weight in its best state
+    layer_weights: dict[int, float] | None = None
 
 
 def bank_key(config: TrainConfig) -> tuple:
-    """Heads with equal keys can share one bank (one batched computation)."""
+    """Heads with equal keys can share one bank (one batched computation).
+
+    The layer is not part of it: heads reading different layers, or a learned mix, share a bank whose
+    source keeps the layer axis (`layer_view`), a layer being a slice of the same features.
+    """
     return (config.pool, config.head, config.hidden, config.batch_size, config.device)
+
+
+def layer_view(configs: Sequence[TrainConfig]) -> int | str:
+    """The layer view a bank's feature source must be opened with (``CachedFeatures(layer=...)``): the one
+    layer every head reads (an id, or "last"), exactly today's features; else "all" (some head mixes, or
+    the heads read different layers), and a `LayerMix` in `fit` gives each head its layer or its mix."""
+    wanted = {as_layer(c.layer) for c in configs}
+    if len(wanted) == 1 and "mix" not in wanted:
+        return wanted.pop()
+    return "all"
+
+
+def _layer_mix(source: Any, configs: Sequence[TrainConfig]) -> LayerMix | None:
+    """The bank's LayerMix (None for heads all reading the source's one layer), checked against the source."""
+    view = layer_view(configs)
+    if source.layered != (view == "all"):
+        raise ConfigError(f"the heads read layer view {view!r} but the feature source was opened on "
+                          f"{'all layers' if source.layered else 'layer ' + str(source.layers[0])}: open it with "
+                          "layer=layer_view(configs)")
+    if view != "all":
+        source.position(view)  # the source's one layer is the heads'
+        return None
+    if any(c.layer == "mix" for c in configs) and len(source.layers) < 2:
+        what = "token layer" if is_learnable(configs[0].pool) else "layer"
+        raise ConfigError(f"--layer mix: the features have one {what} ({source.layers[0]}), so there is nothing to "
+                          "mix; extract with a spec that names several layers (the hf spec: --spec-opt layers=...)"
+                          + (" and keep their tokens (--token-layers all)" if what == "token layer" else ""))
+    choices = [None if c.layer == "mix" else source.position(c.layer) for c in configs]
+    return LayerMix(len(configs), len(source.layers), choices)
 
 
 def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim: int,
@@ -96,7 +131,7 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     Parameters
     ----------
     source : CachedFeatures or LiveFeatures
-        Answers ``batch(split, rows)`` and ``labels(split)``.
+        Answers ``batch(split, rows)`` and ``labels(split)``; opened on the tasks' `layer_view`.
     tasks : sequence of HeadTask
         All with the same `bank_key`.
     num_classes, hidden_dim : int
@@ -114,14 +149,16 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
     k_heads = len(tasks)
     seeds = [derived_seeds(c.seed) for c in configs]
 
-    # -- model: stacked heads (and learned pools), each initialised from its own generator
+    # -- model: stacked heads (and learned pools), each initialised from its own generator; a layer mix
+    # (zero logits: nothing drawn) where the heads read other layers than one
+    mix = _layer_mix(source, configs)
     init_generators = [torch.Generator().manual_seed(s[0]) for s in seeds]
     pool = create_pool(first.pool, num_heads=k_heads, dim=hidden_dim)  # None for a parameter-free pool
     bank = get_head(first.head)(k_heads, hidden_dim, num_classes, first.hidden, [c.dropout for c in configs])
     if pool is not None:
         pool.reset_parameters(init_generators)
     bank.reset_parameters(init_generators)
-    model = HeadModel(bank, pool).to(device)
+    model = HeadModel(bank, pool, mix).to(device)
     params = [p for p in model.parameters()]
     dropout_generators = [torch.Generator(device).manual_seed(s[1]) for s in seeds]
     order_generators = [torch.Generator().manual_seed(s[2]) for s in seeds]
@@ -206,6 +243,10 @@ def fit(source: Any, tasks: Sequence[HeadTask], *, num_classes: int, hidden_dim:
             break
 
     _final_evaluation(model, source, tasks, results, loss_args)
+    for k, result in enumerate(results):
+        if mix is not None and mix.is_learned(k):
+            weights = torch.softmax(result.best_state["mix.logits"], dim=-1).tolist()
+            result.layer_weights = dict(zip(source.layers, weights))
     return results
 
 
@@ -418,7 +459,8 @@ def run_record(source: CachedFeatures, config: TrainConfig, splits: Sequence[str
     """The RunRecord of a head trained from ``source``: what train, sweep and cv write to config.json."""
     train_split, val, test = splits
     return RunRecord(config, str(source.path), (train_split, val, test), source.backbone_fingerprint, source.dtype,
-                     num_classes, source.hidden_dim, extra=extra)
+                     num_classes, source.hidden_dim, layers=source.pooled_layers, token_layers=source.token_layers,
+                     extra=extra)
 
 
 def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *,
@@ -443,7 +485,7 @@ def train(cache: str | Path, out: str | Path, config: TrainConfig = TrainConfig(
     """
     started = time.perf_counter()
     source = CachedFeatures(cache, pool=config.pool, device=resolve_device(config.device),
-                            memory_budget=config.memory_budget)
+                            memory_budget=config.memory_budget, layer=layer_view([config]))
     splits = resolve_splits(config, source.splits)
     sizes = {split: len(source.labels(split)) for split in splits if split}  # in order: the train split's errors first
     require_classes(source.labels(splits[0]), splits[0])

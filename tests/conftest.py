@@ -91,3 +91,111 @@ def signal_cache(tmp_path_factory) -> Path:
             split.write(tokens, labels, [f"{name}-{i}" for i in range(len(labels))], pooled)
             split.finish()
     return path
+
+
+# ---------------------------------------------------------------------------- a spec with layers
+
+
+class LayeredBackbone(torch.nn.Module):
+    """Three layers over ragged sequences of 4 features: an embedding, a GRU over it, a projection of that.
+    Causal and per-position, so padding never changes a real position (NOTE [ Padding invariance ])."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, dim)
+        self.rnn = torch.nn.GRU(dim, dim, batch_first=True)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedded = torch.tanh(self.embed(x))
+        recurrent, _ = self.rnn(embedded)
+        return torch.stack([embedded, recurrent, self.out(recurrent) * 2], dim=1)  # (B, 3, T, D)
+
+
+class LayeredDataset(torch.utils.data.Dataset):
+    def __init__(self, split: str, n: int):
+        self.split, self.n = split, n
+        self.offset = {"train": 0, "valid": 10_000, "test": 20_000}[split]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def lengths(self) -> list[int]:
+        return [2 + (5 * i) % 11 for i in range(self.n)]
+
+    def __getitem__(self, i: int):
+        generator = torch.Generator().manual_seed(self.offset + i)
+        label = int(torch.rand((), generator=generator) < 0.4)
+        x = torch.randn(self.lengths()[i], 4, generator=generator) + 0.7 * label
+        return {"x": x}, label, f"{self.split}-{i:03d}"
+
+
+class LayeredSpec:
+    """A spec whose encode returns hidden [B, 3, T, 8], layer ids 0, 2 and 5 (a spec names its own ids);
+    its weights come from `load` (drawn from a fixed seed), so no checkpoint file is needed."""
+
+    name = "layered"
+    splits = ("train", "valid", "test")
+    num_classes = 2
+    layers = [0, 2, 5]
+    sizes = {"train": 64, "valid": 32, "test": 32}
+
+    def load(self, checkpoint):
+        backbone = LayeredBackbone()
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for parameter in backbone.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
+        return backbone
+
+    def dataset(self, split: str) -> LayeredDataset:
+        return LayeredDataset(split, self.sizes[split])
+
+    def collate(self, inputs: list) -> dict:
+        lengths = torch.tensor([len(item["x"]) for item in inputs])
+        x = torch.zeros(len(inputs), int(lengths.max()), 4)
+        for b, item in enumerate(inputs):
+            x[b, :len(item["x"])] = item["x"]
+        return {"x": x, "lengths": lengths}
+
+    def encode(self, backbone, batch):
+        mask = torch.arange(batch["x"].shape[1]) < batch["lengths"].unsqueeze(1)
+        return backbone(batch["x"]), mask
+
+
+@pytest.fixture(scope="session")
+def layered_spec() -> LayeredSpec:
+    return LayeredSpec()
+
+
+@pytest.fixture(scope="session")
+def layered_backbone(layered_spec) -> torch.nn.Module:
+    """LayeredSpec's backbone, loaded as extraction loads it (frozen, eval mode)."""
+    from headcache.spec import load_backbone
+
+    return load_backbone(layered_spec, None)[0]
+
+
+def _extract_layered(tmp_path_factory, dtype: str, token_layers: str) -> Path:
+    out = tmp_path_factory.mktemp(f"layered_{dtype}_{token_layers}") / "cache.h5"
+    config = ExtractConfig(dtype=dtype, device="cpu", batch_size=16, token_layers=token_layers)
+    extract(LayeredSpec(), None, out, config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def layered_cache(tmp_path_factory) -> Path:
+    """A float32 cache of LayeredSpec: layers 0, 2, 5 pooled, and the tokens of all three (read-only)."""
+    return _extract_layered(tmp_path_factory, "float32", "all")
+
+
+@pytest.fixture(scope="session")
+def layered_cache_f16(tmp_path_factory) -> Path:
+    """The float16 cache of LayeredSpec, tokens of all three layers (read-only)."""
+    return _extract_layered(tmp_path_factory, "float16", "all")
+
+
+@pytest.fixture(scope="session")
+def layered_cache_last_tokens(tmp_path_factory) -> Path:
+    """A float32 cache of LayeredSpec that keeps the tokens of its last layer (5) only (read-only)."""
+    return _extract_layered(tmp_path_factory, "float32", "last")

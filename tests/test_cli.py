@@ -162,8 +162,8 @@ class TestCacheErrors:
         future = tmp_path / "future.h5"
         shutil.copy(tiny_cache, future)
         with h5py.File(future, "r+") as f:
-            f.attrs["schema"] = 3
-        assert_user_error(self._train(future, tmp_path), "future.h5", "schema 3")
+            f.attrs["schema"] = 4
+        assert_user_error(self._train(future, tmp_path), "future.h5", "schema 4")
 
     def test_split_missing(self, tmp_path, tiny_cache):
         result = run("train", "--cache", tiny_cache, "--out", tmp_path / "run", "--val-split", "holdout",

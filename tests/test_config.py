@@ -14,6 +14,7 @@ from headcache.config import (
     CVConfig,
     ExtractConfig,
     Interval,
+    LayerText,
     Options,
     OrNone,
     TrainConfig,
@@ -173,3 +174,23 @@ class TestBenchAndCV:
         assert CVConfig().folds == 5
         with pytest.raises(ConfigError, match=re.escape("--folds must be an int in [2, inf); got 1")):
             CVConfig(folds=1)
+
+
+class TestLayer:
+    """``--layer``: last (the default: what every run read before layers), mix, or a layer id as text."""
+
+    def test_default_words_and_ids(self):
+        assert TrainConfig().layer == "last"
+        for text in ("last", "mix", "0", "3", "-1", "12"):
+            assert TrainConfig(layer=text).layer == text
+        assert LayerText().is_satisfied_by("7") and not LayerText().is_satisfied_by(LayerText().invalid_value())
+
+    @pytest.mark.parametrize("value", ["first", "3.5", "", " 3", "all", "1,2", 3, None])
+    def test_anything_else_is_refused_naming_the_flag(self, value):
+        message = f"--layer must be last, mix or a layer id (an integer as text, e.g. 3); got {value!r}"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(layer=value)
+
+    def test_text_from_a_grid_or_the_command_line_stays_text(self):
+        assert parse_text(TrainConfig, "layer", "-1") == "-1"
+        assert [config_from_options({"layer": v}).layer for v in ("0", "6", "mix")] == ["0", "6", "mix"]

@@ -130,6 +130,25 @@ def test_quick_start_hugging_face_folder(tmp_path, monkeypatch):
     assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
 
 
+def test_quick_start_every_layer_from_one_cache(tmp_path, monkeypatch):
+    from backbones.hf_models import synthetic_texts, write_bert_folder, write_csv
+
+    lines, _ = quick_start("every layer from one cache")
+    assert len(lines) == 3 and "--spec-opt layers=all" in lines[0] and "--grid layer=0,1,2,mix" in lines[1]
+    write_bert_folder(tmp_path / "MODEL_FOLDER")  # 2 layers: hidden states 0, 1, 2
+    texts, labels = synthetic_texts(120, seed=1)
+    splits = ["train"] * 72 + ["val"] * 24 + ["test"] * 24
+    write_csv(tmp_path / "reviews.csv", [{"id": f"r{i}", "text": t, "label": y, "split": s}
+                                         for i, (t, y, s) in enumerate(zip(texts, labels, splits))])
+    with torch.random.fork_rng():
+        results = run_verbatim(lines, tmp_path, monkeypatch)
+    board = json.loads((tmp_path / "sweeps" / "layers" / "leaderboard.json").read_text())
+    assert sorted(str(row["layer"]) for row in board) == ["0", "1", "2", "mix"]
+    assert (tmp_path / "sweeps" / "layers" / "layer_curve.png").is_file()
+    weights = json.loads((tmp_path / "runs" / "mix" / "metrics.json").read_text())["layer_weights"]
+    assert sorted(weights) == ["0", "1", "2"] and "layer mix (softmax weight per layer)" in results[2].output
+
+
 def test_quick_start_exported_program(tmp_path, monkeypatch):
     from headcache.store import CacheReader
 

@@ -171,6 +171,9 @@ def test_check_encode_output_accepts_the_contract():
     assert check_encode_output((layered, M), batch_size=2, layers=(0, 2, 4))[0] is layered  # 4-D with layers
     with pytest.raises(SpecError, match=r"\[B, 3, T, D\]"):
         check_encode_output((layered[:, :2], M), batch_size=2, layers=(0, 2, 4))
+    with pytest.raises(SpecError, match=r"returned hidden \[2, 5, 3\].*expected \(hidden \[B, 3, T, D\]"):
+        check_encode_output((H, M), batch_size=2, layers=(0, 2, 4))  # several layers named, one given
+    assert check_encode_output((H, M), batch_size=2, layers=(4,))[0] is H  # one layer named: [B, T, D] is fine
 
 
 def test_nan_weights_are_refused_when_the_backbone_is_loaded(tmp_path):

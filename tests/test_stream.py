@@ -186,9 +186,9 @@ def _record_plans(monkeypatch) -> list[tuple[list, list[int]]]:
     """(the stream's blocks, the plan) of every block reader started from here on."""
     plans, original = [], stream_module._BlockReader.__init__
 
-    def init(self, path, blocks, plan, buffers, device):
+    def init(self, path, blocks, plan, *rest):
         plans.append((blocks, list(plan)))
-        original(self, path, blocks, plan, buffers, device)
+        original(self, path, blocks, plan, *rest)
 
     monkeypatch.setattr(stream_module._BlockReader, "__init__", init)
     return plans
@@ -245,6 +245,28 @@ class TestStreaming:
         assert seen_a[0][1].shape == (2, 16)
         assert all(torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) for x, y in zip(seen_a, seen_b))
         assert all(_max_diff(a.last_state, b.last_state) == 0.0 for a, b in zip(bank_a, bank_b))
+
+    @pytest.mark.parametrize("cache", ["layered_cache", "layered_cache_f16"])
+    def test_every_token_layer_streams_bit_for_bit_as_in_memory(self, request, cache):
+        """The "all" view: rows of Lt * D read block by block, a layer sweep with a learned mix trained on them."""
+        cache = request.getfixturevalue(cache)
+        streamed = CachedFeatures(cache, pool="learned", device=CPU, layer="all", memory_budget=1,
+                                  block_bytes=3 * 8 * 2 * 30)  # 30 float16 tokens (15 float32) of all 3 layers
+        memory = _SameOrder(CachedFeatures(cache, pool="learned", device=CPU, layer="all"), streamed)
+        assert streamed.streamed("train") and len(streamed._split("train")["stream"].blocks) > 10
+        for rows in (torch.arange(0, 64, 3), torch.tensor([63, 0, 30, 30, 1])):
+            a, b = memory.batch("train", rows), streamed.batch("train", rows)
+            assert b.hidden.shape[:2] == (len(rows), 3) and torch.equal(a.hidden, b.hidden)
+            assert torch.equal(a.mask, b.mask)
+        configs = [TrainConfig(pool="learned", layer=layer, epochs=2, patience=2, device="cpu", seed=seed)
+                   for layer, seed in (("0", 0), ("5", 1), ("mix", 0))]
+        batches = [_recording(memory), _recording(streamed)]
+        bank_a = fit(memory, tasks_for_splits(configs, memory, SPLITS), num_classes=2, hidden_dim=8)
+        bank_b = fit(streamed, tasks_for_splits(configs, streamed, SPLITS), num_classes=2, hidden_dim=8)
+        assert len(batches[0]) == len(batches[1]) > 2 * 4 and batches[0][0][2].dim() == 5  # (K, B, L, T, D)
+        assert all(torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) for x, y in zip(*batches))
+        assert all(_max_diff(a.last_state, b.last_state) == 0.0 for a, b in zip(bank_a, bank_b))
+        assert bank_a[2].layer_weights == bank_b[2].layer_weights
 
     def test_rows_in_any_order_match_the_in_memory_gather(self, tiny_cache):
         """Requests outside the planned order (evaluation, random access) are still exact."""

@@ -1,9 +1,11 @@
-"""Training: the defaults table, reproducibility, early stopping and the run directory."""
+"""Training: the defaults table, reproducibility, early stopping, the run directory, and banks over layers."""
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,8 @@ from headcache.config import TrainConfig
 from headcache.errors import ConfigError
 from headcache.features import CachedFeatures
 from headcache.rundir import head_from_checkpoint
-from headcache.train import HeadTask, cosine_lr, fit, predict_split, train
+from headcache.stream import EpochSampler
+from headcache.train import HeadTask, cosine_lr, fit, layer_view, predict_split, tasks_for_splits, train
 
 
 def test_cosine_schedule_equals_torch_with_the_seeds_intended_settings():
@@ -261,3 +264,135 @@ def test_sweep_and_cv_refit_with_an_unlabelled_test_split_predict_it_without_met
     refit = tmp_path / "cv" / "refit" / "seed=0"
     assert "test" not in json.loads((refit / "metrics.json").read_text())
     assert [r["id"] for r in csv.DictReader(open(refit / "predictions_test.csv"))] == [f"fresh-{i}" for i in range(20)]
+
+
+# ---------------------------------------------------------------------------- layers
+
+LAYERED_SPLITS = ("train", "valid", "test")
+SCHEMA1 = Path(__file__).with_name("data") / "schema1_tiny.h5"  # written by the first version: one layer, -1
+
+
+def _layer_configs(pool: str, layers: list[str], seeds: list[int], epochs: int = 4) -> list[TrainConfig]:
+    return [TrainConfig(pool=pool, layer=layer, epochs=epochs, patience=epochs, device="cpu", seed=seed)
+            for layer, seed in zip(layers, seeds)]
+
+
+def _fit_bank(cache, configs):
+    source = CachedFeatures(cache, pool=configs[0].pool, device=torch.device("cpu"), layer=layer_view(configs))
+    return fit(source, tasks_for_splits(configs, source, LAYERED_SPLITS), num_classes=2, hidden_dim=8)
+
+
+def _assert_identical(a, b):
+    """The same head, bit for bit: weights, epochs, history, predictions and metrics."""
+    assert (a.best_epoch, a.epochs_run, a.history[-1]["val_loss"]) == (b.best_epoch, b.epochs_run,
+                                                                      b.history[-1]["val_loss"])
+    for state in ("best_state", "last_state"):
+        mine, other = getattr(a, state), getattr(b, state)
+        assert set(mine) == set(other) and all(torch.equal(mine[n], other[n]) for n in mine), state
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    assert all(np.array_equal(a.predictions[role], b.predictions[role]) for role in b.predictions)
+    assert a.metrics["test"]["auroc"] == b.metrics["test"]["auroc"]
+
+
+def test_layer_view_is_the_one_layer_of_the_bank_or_all():
+    def view(*layers):
+        return layer_view([TrainConfig(layer=layer) for layer in layers])
+
+    assert (view("last"), view("last", "last"), view("3", "3"), view("-1")) == ("last", "last", 3, -1)
+    assert view("mix") == view("3", "5") == view("last", "3") == view("3", "mix") == "all"
+
+
+@pytest.mark.parametrize("pool", ["meanq", "learned"])
+@pytest.mark.parametrize("seeds", [[0, 1, 2], [0, 0, 0]], ids=["own orders", "one order"])
+def test_a_fixed_layer_head_of_a_layer_sweep_trains_bit_for_bit_as_in_a_one_layer_bank(layered_cache, pool, seeds):
+    """A layer sweep is one bank over the (N, L, D) matrix (or every token layer): a head reading layer i
+    of it trains exactly what it trains in the same bank (K, seeds) opened on layer i alone, today's path."""
+    sweep = _fit_bank(layered_cache, _layer_configs(pool, ["0", "5", "mix"], seeds))
+    for k, layer in enumerate(["0", "5"]):
+        one_layer = _fit_bank(layered_cache, _layer_configs(pool, [layer] * 3, seeds))
+        _assert_identical(sweep[k], one_layer[k])
+        assert sweep[k].layer_weights is None and "mix.logits" not in sweep[k].best_state
+    if seeds == [0, 1, 2]:  # and, as any head of a bank, what it trains alone to the bank tolerance
+        [alone] = _fit_bank(layered_cache, _layer_configs(pool, ["5"], [1]))
+        _assert_scored_alike(sweep[1], alone)
+
+
+def test_a_mix_head_reports_the_softmax_of_its_best_logits_per_layer_id(layered_cache):
+    [mixed] = _fit_bank(layered_cache, _layer_configs("meanq", ["mix"], [0], epochs=6))
+    logits = mixed.best_state["mix.logits"]
+    assert logits.shape == (3,) and logits.abs().max() > 1e-3  # learned: no longer the even start
+    weights = torch.softmax(logits, 0).tolist()
+    assert list(mixed.layer_weights) == [0, 2, 5] and list(mixed.layer_weights.values()) == weights
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+    assert max(abs(w - 1 / 3) for w in weights) > 1e-4
+
+
+def test_fit_refuses_a_source_opened_on_another_view_than_its_heads(layered_cache, layered_cache_last_tokens):
+    cpu = torch.device("cpu")
+
+    def attempt(cache, layer, configs):
+        source = CachedFeatures(cache, pool=configs[0].pool, device=cpu, layer=layer)
+        fit(source, tasks_for_splits(configs, source, LAYERED_SPLITS), num_classes=2, hidden_dim=8)
+
+    with pytest.raises(ConfigError, match="the heads read layer view 2 but the feature source was opened on all "
+                                          r"layers: open it with layer=layer_view\(configs\)"):
+        attempt(layered_cache, "all", _layer_configs("meanq", ["2"], [0]))
+    with pytest.raises(ConfigError, match="the heads read layer view 'all' but the feature source was opened on "
+                                          "layer 5"):
+        attempt(layered_cache, "last", _layer_configs("meanq", ["5", "mix"], [0, 1]))
+    with pytest.raises(ConfigError, match="--layer 5: this feature source was opened on layer 2 only"):
+        attempt(layered_cache, 2, _layer_configs("meanq", ["5"], [0]))
+    with pytest.raises(ConfigError, match="--layer 7: the cache has no layer 7; its layers are 0, 2, 5"):
+        attempt(layered_cache, "all", _layer_configs("meanq", ["7", "mix"], [0, 1]))
+    with pytest.raises(ConfigError, match=r"--layer mix: the features have one token layer \(5\), so there is "
+                                          r"nothing to mix; .*--token-layers all"):
+        attempt(layered_cache_last_tokens, "all", _layer_configs("learned", ["mix"], [0]))
+
+
+class _TodaysSchema1Source:
+    """What a source read from a schema-1 cache before layers, by hand: rows of the file's (N, D) matrix."""
+
+    eval_rows, layers, layered = 256, [-1], False
+
+    def __init__(self, path, pool: str):
+        with h5py.File(path, "r") as f:
+            self.pooled = torch.from_numpy(np.asarray(f[f"train/pooled/{pool}"][:]))
+            self.train_labels = torch.from_numpy(np.asarray(f["train/labels"][:]))
+
+    def labels(self, split):
+        return self.train_labels
+
+    def sampler(self, split, rows, generators, *, batch_size):
+        return EpochSampler(rows, generators, batch_size=batch_size, split=split)
+
+    def batch(self, split, rows):
+        return self.pooled[rows]
+
+    def position(self, layer):
+        assert layer in ("last", -1)
+        return 0
+
+
+def test_a_schema1_cache_trains_as_before_layers():
+    config = TrainConfig(pool="mean", epochs=3, patience=3, batch_size=2, device="cpu", val_split="train",
+                         test_split=None)
+    splits = ("train", "train", None)
+    results = []
+    for source in (CachedFeatures(SCHEMA1, pool="mean", device=torch.device("cpu")),
+                   _TodaysSchema1Source(SCHEMA1, "mean")):
+        assert source.layers == [-1]
+        results += fit(source, tasks_for_splits([config], source, splits), num_classes=2, hidden_dim=3)
+    ours, todays = results
+    assert ours.epochs_run == 3 and ours.history[0]["train_loss"] > 0
+    for state in ("best_state", "last_state"):
+        assert all(torch.equal(getattr(ours, state)[n], getattr(todays, state)[n]) for n in getattr(todays, state))
+    assert np.array_equal(ours.predictions["val"], todays.predictions["val"]) and ours.layer_weights is None
+    for layer in ("-1", "mix"):
+        mixed = TrainConfig(**{**config.to_dict(), "layer": layer})
+        source = CachedFeatures(SCHEMA1, pool="mean", device=torch.device("cpu"), layer=layer_view([mixed]))
+        if layer == "mix":
+            with pytest.raises(ConfigError, match=r"--layer mix: the features have one layer \(-1\)"):
+                fit(source, tasks_for_splits([mixed], source, splits), num_classes=2, hidden_dim=3)
+        else:
+            [same] = fit(source, tasks_for_splits([mixed], source, splits), num_classes=2, hidden_dim=3)
+            assert all(torch.equal(same.last_state[n], ours.last_state[n]) for n in ours.last_state)

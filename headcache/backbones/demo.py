@@ -12,6 +12,22 @@ Lactic Acid (high) and the arterial mean pressure (low) are each abnormal in
 about half of every patient's sets; for a patient who dies they are mostly
 abnormal *in the same sets*, for a survivor mostly in different ones. Seeing
 it takes a model of the sets, which the backbone is, even with random weights.
+
+NOTE [ Demo layer ids ]
+The backbone's sequence transformer has n = ``transformer_layers`` layers
+(4 at the seed's size, 2 tiny) and a final ``post_transformer_norm``. Id 0
+is the transformer's input (set embeddings plus the positional and time
+terms, layer-normed), id i < n the output of transformer layer i, and id n
+the backbone's output, ``post_transformer_norm`` of layer n's output: the
+hidden states the spec has always given. ``last`` = [n] runs the plain
+forward, so its cache is bit for bit what it was before layers existed.
+Other ids are read by forward hooks while that forward runs: id 0 by one on
+the transformer, which changes nothing (``layers=0,-1`` gives the same id n
+bit for bit); id i of 1..n-1 by one on layer i, and torch runs a layer that
+has hooks without its fused inference kernel: the same computation, rounded
+differently, so the layers from i on differ from ``last``'s run by float
+rounding (about 1e-6), not more. Every layer is zero at padded positions, as
+the output is.
 """
 from __future__ import annotations
 
@@ -25,8 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import Tensor, nn
 
 from headcache.backbones import seqsetvae
+from headcache.backbones.hf import parse_layers, resolve_layers
 from headcache.backbones.seqsetvae import SeqSetVAEBackbone, SeqSetVAESpec
 from headcache.errors import ConfigError, OutputExistsError, SpecError
 
@@ -218,8 +236,9 @@ def write_demo_data(data_dir: str | Path, patients: int = 1000, seed: int = 0) -
 
 
 def make_spec(
-    data: str = "cache/demo/data", patients: str = "1000", seed: str = "0", size: str = "seed"
-) -> SeqSetVAESpec:
+    data: str = "cache/demo/data", patients: str = "1000", seed: str = "0", size: str = "seed",
+    layers: str = "last",
+) -> DemoSpec:
     """The `demo` spec: the `seqsetvae` spec on the demo data, written first if absent.
 
     Parameters
@@ -230,10 +249,71 @@ def make_spec(
         As in `write_demo` (strings, as ``--spec-opt`` gives them).
     size : {"seed", "tiny"}
         Architecture preset, as in `seqsetvae.make_spec`.
+    layers : str
+        ``last`` (default: the seqsetvae spec's own hidden states, exactly),
+        ``all`` or ids ``i,j,...`` (NOTE [ Demo layer ids ]), so that one
+        extraction can give a cache of several layers.
+
+    Raises
+    ------
+    SpecError
+        ``patients`` or ``seed`` is not an integer, or an unknown size.
+    ConfigError
+        ``layers`` is not last, all or distinct ids in range.
     """
+    choice = parse_layers(layers)
     if not (Path(data) / "patient_ehr").is_dir():
         write_demo_data(data, _integer("patients", patients), _integer("seed", seed))
-    return seqsetvae.make_spec(data, size=size)
+    base = seqsetvae.make_spec(data, size=size)
+    count = base.dims["transformer_layers"] + 1
+    meaning = f"0 = the transformer's input, {count - 1} = the output after post_transformer_norm"
+    return DemoSpec(base.data_dir, base.variables, base.outcomes, base.dims,
+                    layers=resolve_layers(choice, count, str(layers), meaning))
+
+
+class DemoSpec(SeqSetVAESpec):
+    """The seqsetvae spec with a choice of layers (NOTE [ Demo layer ids ]).
+
+    Attributes
+    ----------
+    layers : list of int
+        The ids ``encode`` returns, in that order.
+    """
+
+    def __init__(self, data_dir: Path, variables: seqsetvae.VariableTable, outcomes: seqsetvae.Outcomes,
+                 dims: dict[str, int], *, layers: list[int]) -> None:
+        super().__init__(data_dir, variables, outcomes, dims)
+        self.layers = list(layers)
+
+    def encode(self, backbone: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The states of ``layers``: [B, T, D] for one layer, else [B, L, T, D] in ``layers`` order.
+
+        The other states are read by forward hooks on the backbone's own
+        transformer while its forward runs, so no step of the forward is copied
+        here (NOTE [ Demo layer ids ] on what the hooks change).
+        """
+        last = len(backbone.transformer.layers)
+        if self.layers == [last]:
+            return backbone(**batch)
+        states: dict[int, Tensor] = {}
+        hooks = []
+        if 0 in self.layers:  # a hook on the transformer itself leaves its layers' kernels as they are
+            hooks.append(backbone.transformer.register_forward_pre_hook(
+                lambda module, args: states.__setitem__(0, args[0])))
+        for i in self.layers:
+            if 0 < i < last:
+                hooks.append(backbone.transformer.layers[i - 1].register_forward_hook(
+                    lambda module, args, output, i=i: states.__setitem__(i, output)))
+        try:
+            states[last], mask = backbone(**batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        picked = [states[i] for i in self.layers]
+        hidden = picked[0] if len(picked) == 1 else torch.stack(picked, dim=1)
+        # zero at padding, as the output is (the output's own zeros stay as they are)
+        padded = ~mask[:, None, :, None] if hidden.ndim == 4 else ~mask[..., None]
+        return hidden.masked_fill(padded, 0.0), mask
 
 
 def _integer(option: str, text: str) -> int:

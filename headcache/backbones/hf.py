@@ -24,6 +24,23 @@ split per value; without it, one split named after the file's stem;
 row with an empty label) is unlabelled. Labels, integers or strings, map to
 classes in sorted order. Texts are tokenized once per split, which also gives
 `HFDataset.lengths` for length buckets.
+
+NOTE [ hf layer ids ]
+``--spec-opt layers=last|all|i,j,...`` picks the hidden states ``encode``
+returns. Ids index transformers' ``hidden_states`` (n + 1 of them for a model
+of n = ``config.num_hidden_layers`` layers): 0 is the embeddings' output, i the
+output of layer i, and negative indexes count from the end (-1 = n). Id n is
+always ``last_hidden_state``, the model's own output after any final norm, and
+what a sentence-transformers folder pools. transformers gives that same tensor
+as the last of ``hidden_states`` for BERT-like models and most others, while a
+few keep the state before their final norm there (ModernBERT in transformers 4,
+models with ``tie_last_hidden_states=False`` in 5); headcache takes
+``last_hidden_state`` for id n in every case, so one id is one tensor whichever
+layers a cache holds, and ids 0..n-1 are ``hidden_states[i]``. ``last`` (the
+default) is [n], exactly the tensor a cache held before layers existed, and
+runs the model without ``output_hidden_states``; ``all`` is 0..n. Ids are
+resolved once the folder's config is read (`HFSpec.load`): out-of-range,
+repeated and non-integer values are refused there, naming the option.
 """
 from __future__ import annotations
 
@@ -69,8 +86,25 @@ class _Row:
 
 def make_spec(data: str, text_column: str = "text", text_pair_column: str | None = None,
               label_column: str = "label", id_column: str = "id", split_column: str = "split",
-              max_length: str | None = None, trust_remote_code: str = "false") -> "HFSpec":
+              max_length: str | None = None, layers: str = "last", trust_remote_code: str = "false") -> "HFSpec":
     """The ``hf`` spec over the table(s) at ``data`` (``--spec-opt key=value`` options).
+
+    Parameters
+    ----------
+    data : str
+        A CSV, TSV, JSONL or Parquet file, or a folder of them (one split per file).
+    text_column, text_pair_column : str
+        The text (and, for pairs, the second text) of each row.
+    label_column, id_column, split_column : str
+        Where each row's label, id and split are (each optional in the file).
+    max_length : str, optional
+        Tokens per text; default the tokenizer's model_max_length, at most 512
+        (a sentence-transformers folder: its max_seq_length).
+    layers : str
+        ``last`` (default), ``all`` or indexes ``i,j,...`` into the model's
+        hidden states (NOTE [ hf layer ids ]); checked against the model in `HFSpec.load`.
+    trust_remote_code : str
+        ``true`` lets code shipped in the model folder run.
 
     Raises
     ------
@@ -79,21 +113,80 @@ def make_spec(data: str, text_column: str = "text", text_pair_column: str | None
     DataError
         ``data`` is missing, or a file lacks the text column or has duplicate ids.
     ConfigError
-        ``max_length`` or ``trust_remote_code`` is not a valid value.
+        ``max_length``, ``layers`` or ``trust_remote_code`` is not a valid value.
     """
     _require_transformers()
     if max_length is not None and not (_INTEGER.fullmatch(str(max_length)) and int(max_length) >= 1):
         raise ConfigError(f"--spec-opt max_length={max_length}: expected an integer >= 1")
     if str(trust_remote_code).lower() not in _TRUE + _FALSE:
         raise ConfigError(f"--spec-opt trust_remote_code={trust_remote_code}: expected true or false")
+    choice = parse_layers(layers)
     splits = read_splits(Path(data), text_column=text_column, text_pair_column=text_pair_column,
                          label_column=label_column, id_column=id_column, split_column=split_column)
     return HFSpec(splits, max_length=None if max_length is None else int(max_length),
-                  trust_remote_code=str(trust_remote_code).lower() in _TRUE)
+                  trust_remote_code=str(trust_remote_code).lower() in _TRUE, layers=choice, layers_text=str(layers))
+
+
+def parse_layers(text: str) -> str | tuple[int, ...]:
+    """``--spec-opt layers`` text as ``"last"``, ``"all"`` or the indexes it lists (not yet resolved).
+
+    Raises
+    ------
+    ConfigError
+        The text is none of those, or lists an index twice.
+    """
+    text = str(text).strip()
+    if text.lower() in ("last", "all"):
+        return text.lower()
+    items = [item.strip() for item in text.split(",")]
+    if not all(_INTEGER.fullmatch(item) for item in items):
+        raise ConfigError(f"--spec-opt layers={text}: expected last, all or comma-separated layer indexes "
+                          "(integers, e.g. layers=0,-1)")
+    indexes = tuple(int(item) for item in items)
+    repeated = sorted({i for i in indexes if indexes.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"--spec-opt layers={text}: layer {repeated[0]} is given twice; name each layer once")
+    return indexes
+
+
+def resolve_layers(choice: str | tuple[int, ...], count: int, text: str, meaning: str) -> list[int]:
+    """Non-negative ids in ``0..count-1`` for a `parse_layers` choice, in the order given.
+
+    Parameters
+    ----------
+    choice : "last", "all" or tuple of int
+        As `parse_layers` returns it; negative indexes count from the end (-1 = count - 1).
+    count : int
+        How many hidden states the model has.
+    text : str
+        The option's text, for the messages.
+    meaning : str
+        What the ids are, for the messages (e.g. "0 = the embeddings, 2 = the last layer").
+
+    Raises
+    ------
+    ConfigError
+        An index outside ``-count..count-1``, or two indexes naming one layer.
+    """
+    if choice == "last":
+        return [count - 1]
+    if choice == "all":
+        return list(range(count))
+    outside = [i for i in choice if not -count <= i < count]
+    if outside:
+        raise ConfigError(f"--spec-opt layers={text}: layer {outside[0]} is out of range: this model has layers "
+                          f"0..{count - 1} ({meaning}), or -{count}..-1 counting from the end")
+    ids = [i % count for i in choice]
+    for position, i in enumerate(ids):
+        if i in ids[:position]:
+            raise ConfigError(f"--spec-opt layers={text}: {choice[ids.index(i)]} and {choice[position]} are both "
+                              f"layer {i} (negative indexes count from the end, -1 = {count - 1}); name each layer "
+                              "once")
+    return ids
 
 
 class HFSpec:
-    """A Hugging Face folder's last hidden state over rows of text (see the module docstring).
+    """A Hugging Face folder's hidden states over rows of text (see the module docstring).
 
     Attributes
     ----------
@@ -107,11 +200,16 @@ class HFSpec:
         Texts cut at ``max_length``, per split (set by `load`).
     recommended_pool : str or None
         A sentence-transformers folder's own pooling (``"mean"``, ...); None otherwise.
+    layers : list of int or None
+        The hidden states ``encode`` returns, as ids (NOTE [ hf layer ids ]); set by
+        `load`. None for ``layers=last`` on a model whose config has no
+        ``num_hidden_layers``: one unnumbered layer, its ``last_hidden_state``.
     """
 
     name = "hf"
 
-    def __init__(self, rows: dict[str, list[_Row]], *, max_length: int | None, trust_remote_code: bool):
+    def __init__(self, rows: dict[str, list[_Row]], *, max_length: int | None, trust_remote_code: bool,
+                 layers: str | tuple[int, ...] = "last", layers_text: str = "last"):
         self._rows = rows
         self.splits = tuple(rows)
         self.max_length = max_length
@@ -127,6 +225,17 @@ class HFSpec:
         self._tokenizer = None
         self._encoded: dict[str, dict[str, list[list[int]]]] = {}
         self._pad_id = 0
+        self._layer_choice, self._layer_text = layers, layers_text
+        self._layers: list[int] | None = None
+        self._last: int | None = None  # the id of last_hidden_state (num_hidden_layers)
+        self._loaded = False
+
+    @property
+    def layers(self) -> list[int] | None:
+        """The layer ids ``encode`` returns (NOTE [ hf layer ids ]), known once `load` has read the config."""
+        if not self._loaded:
+            raise SpecError("hf: layers are known after load(checkpoint): they index the model's hidden states")
+        return None if self._layers is None else list(self._layers)
 
     # -- the backbone
 
@@ -136,7 +245,7 @@ class HFSpec:
         Returns
         -------
         module : nn.Module
-            The model (float32); ``encode`` takes its last hidden state.
+            The model (float32); ``encode`` takes its hidden states of ``layers``.
         report : dict
             Model class and folder, unexpected keys, max_length, truncated texts per
             split, class names, the recommended pool.
@@ -147,6 +256,9 @@ class HFSpec:
             No folder, or config.json / weights / tokenizer files missing (named), a
             model tensor the weights lack (named), or code in the folder without
             trust_remote_code.
+        ConfigError
+            ``--spec-opt layers`` names a layer this model lacks, or one twice
+            (NOTE [ hf layer ids ]); `layers` is resolved here.
         """
         if checkpoint is None:
             raise CheckpointError("--checkpoint: the hf spec needs a local Hugging Face model folder")
@@ -167,6 +279,7 @@ class HFSpec:
                                   " the folder has no tokenizer; save the tokenizer with save_pretrained there")
         self._check_remote_code(model_dir / "config.json")
         model, loading_info = self._from_pretrained(model_dir)
+        self._resolve_layers(model, model_dir / "config.json")
         report: dict[str, Any] = {"model_class": type(model).__name__, "model_folder": str(model_dir),
                                   "weights": weights.name}
         report.update(_verify_weights(model, loading_info, weights))
@@ -184,6 +297,27 @@ class HFSpec:
         if pooling:
             report["recommended_pool"] = pooling
         return model, report
+
+    def _resolve_layers(self, model: nn.Module, config_file: Path) -> None:
+        """The ``layers`` option as ids 0..num_hidden_layers of this model (NOTE [ hf layer ids ]).
+
+        Raises
+        ------
+        ConfigError
+            An index out of range or repeated, or a choice other than ``last`` for a
+            model whose config does not say how many layers it has.
+        """
+        count = getattr(model.config, "num_hidden_layers", None)
+        if not isinstance(count, int):
+            if self._layer_choice != "last":
+                raise ConfigError(f"--spec-opt layers={self._layer_text}: {config_file} has no num_hidden_layers, "
+                                  "so its hidden states cannot be numbered; use layers=last (last_hidden_state)")
+            self._layers, self._last = None, None
+        else:
+            meaning = f"0 = the embeddings, {count} = last_hidden_state, the last layer's output"
+            self._layers = resolve_layers(self._layer_choice, count + 1, self._layer_text, meaning)
+            self._last = count
+        self._loaded = True
 
     def _check_remote_code(self, config_file: Path) -> None:
         """Refuse, up front, a model whose class exists only as code in the folder (unless trusted).
@@ -262,8 +396,31 @@ class HFSpec:
         return batch
 
     def encode(self, backbone: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = backbone(**batch, return_dict=True)
-        return out.last_hidden_state, batch["attention_mask"].bool()
+        """The hidden states of ``layers``: [B, T, D] for one layer, else [B, L, T, D] in ``layers`` order.
+
+        Only a layer other than the last asks the model for every hidden state
+        (``output_hidden_states``); the last alone is the call encode has always
+        made. Id n is ``last_hidden_state`` itself (NOTE [ hf layer ids ]).
+
+        Raises
+        ------
+        SpecError
+            The model returned a number of hidden states other than its config's
+            num_hidden_layers + 1, so the ids would name the wrong layers.
+        """
+        mask = batch["attention_mask"].bool()
+        layers = self.layers
+        wanted = [self._last] if layers is None else layers
+        everything = any(i != self._last for i in wanted)
+        if not everything:
+            return backbone(**batch, return_dict=True).last_hidden_state, mask
+        out = backbone(**batch, output_hidden_states=True, return_dict=True)
+        if len(out.hidden_states) != self._last + 1:
+            raise SpecError(f"hf: {type(backbone).__name__} returned {len(out.hidden_states)} hidden states, but its "
+                            f"config's num_hidden_layers is {self._last} (expected {self._last + 1}); this model's "
+                            "layers cannot be numbered: use --spec-opt layers=last")
+        states = [out.last_hidden_state if i == self._last else out.hidden_states[i] for i in wanted]
+        return (states[0] if len(states) == 1 else torch.stack(states, dim=1)), mask
 
 
 class HFDataset(torch.utils.data.Dataset):

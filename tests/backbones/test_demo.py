@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from headcache.backbones import demo
-from headcache.backbones.seqsetvae import SEED_DIMS, SIZES, SeqSetVAEBackbone
+from headcache.backbones import demo, seqsetvae
+from headcache.backbones.seqsetvae import SEED_DIMS, SIZES, Padding, SeqSetVAEBackbone
+from headcache.cli import app
 from headcache.errors import ConfigError, OutputExistsError, SpecError
+from headcache.spec import check_encode_output
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -194,3 +198,115 @@ class TestRerunsAndSpec:
     def test_make_spec_options_must_be_integers(self, tmp_path):
         with pytest.raises(SpecError, match="patients='many'"):
             demo.make_spec(str(tmp_path / "data"), patients="many")
+
+
+def _loaded(tiny_demo: demo.DemoFiles, **options) -> tuple[demo.DemoSpec, torch.nn.Module]:
+    """The tiny demo spec with ``--spec-opt`` options, and its backbone with the demo's weights, in eval mode."""
+    spec = demo.make_spec(str(tiny_demo.data_dir), size="tiny", **options)
+    backbone = spec.backbone()
+    state = torch.load(tiny_demo.checkpoint, weights_only=True)["state_dict"]
+    backbone.load_state_dict({k: state[k] for k in backbone.state_dict()}, strict=True)
+    return spec, backbone.eval().requires_grad_(False)  # frozen, as load_backbone gives it
+
+
+def _batch(spec) -> dict[str, torch.Tensor]:
+    """Every train patient in one batch: their set counts differ, so the batch has padding."""
+    dataset = spec.dataset("train")
+    batch = spec.collate([dataset[i][0] for i in range(len(dataset))])
+    assert batch["num_sets"].unique().numel() > 1
+    return batch
+
+
+def _transformer_states(backbone: SeqSetVAEBackbone, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The transformer's input and each layer's output, worked out step by step from the backbone's parts,
+    as SeqSetVAEBackbone.forward computes them, with no hooks."""
+    z = backbone.setvae["setvae"](batch["embeddings"], batch["values"], batch["set_sizes"])
+    patients = Padding(batch["num_sets"])
+    z, minutes = patients.pad(z), patients.pad(batch["set_minutes"][:, None])
+    steps = torch.arange(z.shape[1], dtype=z.dtype)
+    x = z + backbone.pos_embedding * torch.sin(0.01 * steps)[None, :, None] + backbone.time_term(minutes)
+    states = [torch.nn.functional.layer_norm(x, x.shape[-1:])]
+    causal = torch.triu(torch.ones(z.shape[1], z.shape[1], dtype=torch.bool), 1)
+    for layer in backbone.transformer.layers:
+        states.append(layer(states[-1], src_mask=causal))
+    return states
+
+
+class TestLayers:
+    """--spec-opt layers (NOTE [ Demo layer ids ]): one extraction, several layers of the demo backbone."""
+
+    @pytest.mark.parametrize("option", [{}, {"layers": "last"}, {"layers": "-1"}, {"layers": "2"}])
+    def test_the_default_is_the_plain_forward_bit_for_bit(self, tiny_demo, option):
+        spec, backbone = _loaded(tiny_demo, **option)
+        assert spec.layers == [SIZES["tiny"]["transformer_layers"]] == [2]
+        before = seqsetvae.make_spec(str(tiny_demo.data_dir), size="tiny")  # the spec the demo gave before layers
+        batch = _batch(spec)
+        with torch.inference_mode():
+            hidden, mask = check_encode_output(spec.encode(backbone, batch), batch_size=len(batch["num_sets"]),
+                                               layers=spec.layers)
+            plain, plain_mask = backbone(**batch)
+            old, _ = before.encode(backbone, batch)
+        assert torch.equal(hidden, plain) and torch.equal(hidden, old) and torch.equal(mask, plain_mask)
+
+    def test_all_is_the_transformers_input_each_layer_and_the_output(self, tiny_demo):
+        spec, backbone = _loaded(tiny_demo, layers="all")
+        assert spec.layers == [0, 1, 2]
+        batch = _batch(spec)
+        with torch.inference_mode():
+            output = spec.encode(backbone, batch)
+            plain, _ = backbone(**batch)
+            states = _transformer_states(backbone, batch)
+            expected = [states[0], states[1], backbone.post_transformer_norm(states[2])]
+        hidden, mask = check_encode_output(output, batch_size=len(batch["num_sets"]), layers=spec.layers)
+        assert hidden.shape == (len(batch["num_sets"]), 3, *plain.shape[1:])
+        real = mask[..., None].expand_as(plain)
+        for i, want in enumerate(expected):
+            assert (hidden[:, i] - want)[real].abs().max() <= 1e-5, i
+            assert not hidden[:, i][~real].any()  # zero at padding, as the output is
+        assert (hidden[:, 2] - plain).abs().max() <= 1e-5  # hooked layers round differently, nothing more
+        assert (hidden[:, 0] - hidden[:, 1]).abs().max() > 0.1  # three different states, not one repeated
+
+    def test_the_transformer_input_leaves_the_output_bit_for_bit(self, tiny_demo):
+        spec, backbone = _loaded(tiny_demo, layers="-1,0")
+        assert spec.layers == [2, 0]
+        batch = _batch(spec)
+        with torch.inference_mode():
+            hidden, mask = spec.encode(backbone, batch)
+            plain, _ = backbone(**batch)
+            states = _transformer_states(backbone, batch)
+        assert hidden.shape == (len(batch["num_sets"]), 2, *plain.shape[1:])
+        assert torch.equal(hidden[:, 0], plain)  # no hook on a layer, so every layer ran as in the plain forward
+        real = mask[..., None].expand_as(plain)
+        assert (hidden[:, 1] - states[0])[real].abs().max() <= 1e-6
+
+    def test_one_middle_layer_is_three_dimensional(self, tiny_demo):
+        spec, backbone = _loaded(tiny_demo, layers="1")
+        batch = _batch(spec)
+        with torch.inference_mode():
+            hidden, mask = spec.encode(backbone, batch)
+            states = _transformer_states(backbone, batch)
+        assert spec.layers == [1] and hidden.shape == states[1].shape
+        assert (hidden - states[1])[mask].abs().max() <= 1e-5
+
+    @pytest.mark.parametrize("text, message", [
+        ("3", "layer 3 is out of range: this model has layers 0..2 (0 = the transformer's input, 2 = the output "
+              "after post_transformer_norm), or -3..-1 counting from the end"),
+        ("1,-2", "1 and -2 are both layer 1"),
+        ("0,0", "layer 0 is given twice"),
+        ("mix", "expected last, all or comma-separated layer indexes"),
+    ])
+    def test_bad_layers_are_refused_naming_the_option(self, tiny_demo, text, message):
+        with pytest.raises(ConfigError, match=re.escape(f"--spec-opt layers={text}: {message}")):
+            demo.make_spec(str(tiny_demo.data_dir), size="tiny", layers=text)
+
+    def test_the_cli_prints_one_line_naming_the_option(self, tmp_path, tiny_demo):
+        cache = tmp_path / "c.h5"
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(app, [
+            "extract", "--spec", "demo", "--checkpoint", str(tiny_demo.checkpoint), "--spec-opt",
+            f"data={tiny_demo.data_dir}", "--spec-opt", "size=tiny", "--spec-opt", "layers=5", "--out", str(cache),
+            "--device", "cpu"])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == ("error: --spec-opt layers=5: layer 5 is out of range: this model has layers "
+                                         "0..2 (0 = the transformer's input, 2 = the output after "
+                                         "post_transformer_norm), or -3..-1 counting from the end")
+        assert not cache.exists()

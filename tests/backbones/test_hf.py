@@ -21,11 +21,11 @@ from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 from typer.testing import CliRunner
 
 from backbones.hf_models import synthetic_texts, write_csv
-from headcache.backbones.hf import make_spec
+from headcache.backbones.hf import HFSpec, make_spec
 from headcache.cli import app
-from headcache.errors import SpecError
+from headcache.errors import ConfigError, SpecError
 from headcache.extract import ExtractConfig, extract
-from headcache.spec import resolve_spec
+from headcache.spec import check_encode_output, resolve_spec
 from headcache.store import CacheReader
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -325,3 +325,202 @@ class TestModelFolder:
         # the CLI prints messages as rich markup: escaped, so "[hf]" is not taken for a style tag
         assert_user_error(hf_extract(bert_folder, reviews_csv, tmp_path / "c.h5"),
                           "--spec hf needs transformers, tokenizers and safetensors: pip install 'headcache[hf]'")
+
+
+def loaded_spec(folder: Path, data: Path, **options) -> tuple[object, torch.nn.Module]:
+    """An hf spec loaded from ``folder`` as extraction loads it (eval mode), with ``--spec-opt`` options."""
+    spec = make_spec(str(data), **options)
+    module, _ = spec.load(folder)
+    return spec, module.eval()
+
+
+def val_batch(spec, n: int = 8) -> dict[str, torch.Tensor]:
+    """The first ``n`` val texts, collated by the spec: lengths differ, so the batch has padding."""
+    dataset = spec.dataset("val")
+    batch = spec.collate([dataset[i][0] for i in range(n)])
+    assert batch["attention_mask"].sum(1).unique().numel() > 1
+    return batch
+
+
+class TestLayers:
+    """--spec-opt layers (NOTE [ hf layer ids ]): the hidden states a cache holds, numbered as transformers does."""
+
+    def test_all_is_transformers_hidden_states_stacked(self, bert_folder, reviews_csv):
+        spec, module = loaded_spec(bert_folder, reviews_csv, layers="all")
+        assert spec.layers == [0, 1, 2]  # the embeddings and both layers of the 2-layer model
+        batch = val_batch(spec)
+        with torch.inference_mode():
+            output = spec.encode(module, batch)
+            theirs = AutoModel.from_pretrained(bert_folder, local_files_only=True).eval()(
+                **batch, output_hidden_states=True)
+        hidden, mask = check_encode_output(output, batch_size=8, layers=spec.layers)  # the 4-D form is accepted
+        expected = torch.stack(theirs.hidden_states, 1)
+        assert hidden.shape == expected.shape == (8, 3, batch["input_ids"].shape[1], 32)
+        assert torch.equal(mask, batch["attention_mask"].bool())
+        real = mask[:, None, :, None].expand_as(hidden)
+        assert (hidden - expected)[real].abs().max() <= 1e-6
+        assert not torch.allclose(hidden[:, 0], hidden[:, 2])  # three different layers, not one repeated
+
+    @pytest.mark.parametrize("option", [{}, {"layers": "last"}, {"layers": "-1"}, {"layers": "2"}])
+    def test_last_is_last_hidden_state_as_before_and_names_its_layer(self, bert_folder, reviews_csv, option):
+        spec, module = loaded_spec(bert_folder, reviews_csv, **option)
+        assert spec.layers == [2]  # recorded in the cache, so inspect can say which layer it holds
+        batch = val_batch(spec)
+        with torch.inference_mode():
+            hidden, _ = check_encode_output(spec.encode(module, batch), batch_size=8, layers=spec.layers)
+            before = module(**batch, return_dict=True).last_hidden_state  # what encode returned before layers
+        assert torch.equal(hidden, before)
+
+    def test_chosen_layers_resolve_to_ids_in_the_order_given(self, bert_folder, reviews_csv):
+        spec, module = loaded_spec(bert_folder, reviews_csv, layers="0,-1")
+        assert spec.layers == [0, 2]
+        reverse, _ = loaded_spec(bert_folder, reviews_csv, layers="-1, 0")
+        assert reverse.layers == [2, 0]
+        middle, _ = loaded_spec(bert_folder, reviews_csv, layers="-2")
+        assert middle.layers == [1]
+        batch = val_batch(spec)
+        with torch.inference_mode():
+            theirs = module(**batch, output_hidden_states=True, return_dict=True)
+            pair, _ = spec.encode(module, batch)
+            backwards, _ = reverse.encode(module, batch)
+            one, _ = middle.encode(module, batch)
+        assert pair.shape == (8, 2, batch["input_ids"].shape[1], 32)
+        assert torch.equal(pair[:, 0], theirs.hidden_states[0]) and torch.equal(pair[:, 1], theirs.last_hidden_state)
+        assert torch.equal(backwards, pair.flip(1))
+        assert one.shape == (8, batch["input_ids"].shape[1], 32) and torch.equal(one, theirs.hidden_states[1])
+
+    @pytest.mark.parametrize("text", ["first", "1.5", "", "0,,1", "all,0", "1,1"])
+    def test_text_that_is_no_layer_list_is_refused_when_the_spec_is_made(self, reviews_csv, text):
+        message = "given twice" if text == "1,1" else "expected last, all or comma-separated layer indexes"
+        with pytest.raises(ConfigError, match=re.escape(f"--spec-opt layers={text}: ") + ".*" + message):
+            make_spec(str(reviews_csv), layers=text)
+
+    @pytest.mark.parametrize("text, message", [
+        ("99", "layer 99 is out of range: this model has layers 0..2 (0 = the embeddings, 2 = last_hidden_state"),
+        ("-4", "layer -4 is out of range: this model has layers 0..2"),
+        ("2,-1", "2 and -1 are both layer 2 (negative indexes count from the end, -1 = 2); name each layer once"),
+    ])
+    def test_a_layer_the_model_lacks_is_refused_when_it_loads(self, bert_folder, reviews_csv, text, message):
+        spec = make_spec(str(reviews_csv), layers=text)
+        with pytest.raises(ConfigError, match=re.escape(f"--spec-opt layers={text}: {message}")):
+            spec.load(bert_folder)
+
+    @pytest.mark.parametrize("text, fragments", [
+        ("99", ["--spec-opt layers=99: layer 99 is out of range", "0..2", "or -3..-1 counting from the end"]),
+        ("top", ["--spec-opt layers=top: expected last, all or comma-separated layer indexes"]),
+    ])
+    def test_the_cli_prints_one_line_naming_the_option(self, tmp_path, bert_folder, reviews_csv, text, fragments):
+        cache = tmp_path / "c.h5"
+        result = hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", f"layers={text}")
+        assert_user_error(result, *fragments)
+        assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+        assert not cache.exists()
+
+    def test_layers_are_known_only_once_the_model_is_read(self, reviews_csv):
+        with pytest.raises(SpecError, match=re.escape("layers are known after load(checkpoint)")):
+            make_spec(str(reviews_csv), layers="all").layers
+
+    def test_a_config_without_num_hidden_layers_keeps_last_and_refuses_the_rest(self, bert_folder, reviews_csv,
+                                                                                 monkeypatch):
+        load = HFSpec._from_pretrained
+
+        def unnumbered(self, model_dir):
+            model, info = load(self, model_dir)
+            # as a config that does not say how many layers it has (past the config's own type check)
+            object.__setattr__(model.config, "num_hidden_layers", None)
+            return model, info
+
+        monkeypatch.setattr(HFSpec, "_from_pretrained", unnumbered)
+        spec, module = loaded_spec(bert_folder, reviews_csv)
+        assert spec.layers is None  # one layer, unnumbered: the contract's "the spec's output"
+        batch = val_batch(spec)
+        with torch.inference_mode():
+            hidden, _ = spec.encode(module, batch)
+            assert torch.equal(hidden, module(**batch, return_dict=True).last_hidden_state)
+        with pytest.raises(ConfigError, match=r"--spec-opt layers=all: .*config.json has no num_hidden_layers.*"
+                                              "use layers=last"):
+            make_spec(str(reviews_csv), layers="all").load(bert_folder)
+
+    def test_a_model_whose_hidden_states_do_not_fit_its_config_is_refused(self, bert_folder, reviews_csv,
+                                                                          monkeypatch):
+        load = HFSpec._from_pretrained
+
+        def miscounted(self, model_dir):
+            model, info = load(self, model_dir)
+            model.config.num_hidden_layers = 3  # says 3 layers, runs 2: ids would name the wrong states
+            return model, info
+
+        monkeypatch.setattr(HFSpec, "_from_pretrained", miscounted)
+        spec, module = loaded_spec(bert_folder, reviews_csv, layers="all")
+        assert spec.layers == [0, 1, 2, 3]
+        with torch.inference_mode(), pytest.raises(SpecError, match="returned 3 hidden states, but its config's "
+                                                                    "num_hidden_layers is 3 .expected 4."):
+            spec.encode(module, val_batch(spec))
+
+
+class TestEveryLayerFromOneCache:
+    """Issue 11's Done-when: extract every layer once, then sweep every layer and the mix from that cache."""
+
+    def test_extract_all_layers_then_sweep_every_layer_and_the_mix(self, tmp_path, bert_folder, reviews_csv):
+        cache, out = tmp_path / "c.h5", tmp_path / "sweep"
+        result = hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", "layers=all")
+        assert result.exit_code == 0, result.output
+        summary = json.loads(run("inspect", cache, "--json").output)
+        assert (summary["layers"], summary["token_layers"]) == ([0, 1, 2], [2])
+        with CacheReader(cache) as reader:  # every layer's mean pool is transformers' hidden state, pooled
+            states = transformers_hidden_states(bert_folder, [r["text"] for r in rows_of(reviews_csv)
+                                                              if r["split"] == "val"])
+            pooled = reader.split("val").pooled("mean", "all")
+            assert pooled.shape == (24, 3, 32)
+            expected = np.stack([s.mean(1) for s in states])  # (N, L, D)
+            assert np.abs(pooled - expected).max() <= TOLERANCE
+        result = run("sweep", "--cache", cache, "--out", out, "--grid", "layer=0,1,2,mix", "--epochs", "3",
+                     "--device", "cpu", "--pool", "mean", "--hidden", "8", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert "4 heads trained in 1 batched" in " ".join(result.output.split())  # a layer is a slice of one matrix
+        board = json.loads((out / "leaderboard.json").read_text())
+        assert sorted(str(row["layer"]) for row in board) == ["0", "1", "2", "mix"]
+        assert (out / "layer_curve.png").stat().st_size > 0
+        runs = {json.loads((d / "config.json").read_text())["train"]["layer"]: d for d in (out / "runs").iterdir()}
+        weights = json.loads((runs["mix"] / "metrics.json").read_text())["layer_weights"]
+        assert sorted(weights) == ["0", "1", "2"] and abs(sum(weights.values()) - 1) <= 1e-6
+        assert (runs["mix"] / "layer_weights.png").stat().st_size > 0
+        for layer in ("0", "1", "2"):
+            assert "layer_weights" not in json.loads((runs[layer] / "metrics.json").read_text())
+            record = json.loads((runs[layer] / "config.json").read_text())
+            assert (record["layers"], record["token_layers"]) == ([0, 1, 2], [2])
+
+    @pytest.mark.parametrize("layer", ["1", "mix"])
+    def test_a_layer_or_mix_head_exports_and_predicts_its_runs_probabilities(self, tmp_path, bert_folder,
+                                                                             reviews_csv, layer):
+        cache, run_dir, model = tmp_path / "c.h5", tmp_path / "run", tmp_path / "model.pt"
+        assert hf_extract(bert_folder, reviews_csv, cache, "--spec-opt", "layers=all").exit_code == 0
+        result = run("train", "--cache", cache, "--out", run_dir, "--epochs", "2", "--device", "cpu", "--pool",
+                     "meanq", "--layer", layer, "--quiet")
+        assert result.exit_code == 0, result.output
+        if layer == "mix":
+            assert re.search(r"layer mix \(softmax weight per layer\): 0: 0\.\d+, 1: 0\.\d+, 2: 0\.\d+", result.output)
+        result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
+                     "--spec-opt", f"data={reviews_csv}")
+        assert_user_error(result, "the head reads layers", "--spec-opt layers=all")  # without the extraction's layers
+        result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
+                     "--spec-opt", f"data={reviews_csv}", "--spec-opt", "layers=all")
+        assert result.exit_code == 0, result.output
+        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
+                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
+        preds = tmp_path / "preds.csv"
+        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
+                     "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
+        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
+        assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
+
+
+def transformers_hidden_states(folder: Path, texts: list[str]) -> list[np.ndarray]:
+    """Every hidden state transformers gives for each text alone: (L, T_i, D)."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        return [torch.stack(model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states,
+                            1)[0].numpy() for text in texts]

@@ -1,8 +1,11 @@
 """Write tests/data/schema1_tiny.h5: a tiny schema-1 cache that later readers must keep reading.
 
-Run once with the version that defines schema 1 (``python tests/data/make_schema1_tiny.py``)
-and commit the file; `tests/test_store.py::TestSchema1File` checks every value in it.
-Do not regenerate it with a later version: its point is to be old.
+It was written by this script at commit f2ef491, whose store wrote schema 1, and committed;
+`tests/test_store.py::TestSchema1File` checks every value in it. Its point is to be old: a later
+store writes its own schema, so the script refuses to run unless ``store.SCHEMA == 1``. To see how
+the file was made, run the script of that commit against that commit's package::
+
+    git worktree add /tmp/schema1 f2ef491 && cd /tmp/schema1 && python tests/data/make_schema1_tiny.py
 """
 from pathlib import Path
 
@@ -26,6 +29,9 @@ ATTRS = {
 
 
 def main() -> None:
+    if store.SCHEMA != 1:
+        raise SystemExit(f"this store writes schema {store.SCHEMA}, not 1: {OUT} must stay as committed (see the "
+                         "docstring for how it was made)")
     # Chunk sizes are a layout choice, not part of the schema: small ones keep the committed file small.
     store.CHUNK_BYTES, store.ID_CHUNK = 12, 2
     # Quarters are exact in float16, so the stored values are known exactly.
