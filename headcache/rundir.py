@@ -116,9 +116,9 @@ def refuse_inputs(out: str | Path, inputs: Iterable[tuple[str, str | Path | None
         source = Path(source)
         inside = source.is_dir() and out.resolve().is_relative_to(source.resolve())
         if inside or out.samefile(source):
-            where = "lies inside" if inside else "is"
-            raise OutputExistsError(f"--out {out} {where} {flag} {source}, the file this command reads; choose "
-                                    "another name (--overwrite would destroy it)")
+            what = "lies inside the folder" if inside else "is the file"
+            raise OutputExistsError(f"--out {out} {what} this command reads ({flag} {source}); choose another name "
+                                    "(--overwrite would destroy it)")
 
 
 def write_json(path: Path, value: Any) -> None:

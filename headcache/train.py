@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import numpy.random  # noqa: F401 - eagerly: numpy imports it lazily, and a Ctrl-C landing in that import is lost
 import torch
 from torch import Tensor
 
