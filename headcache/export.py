@@ -149,6 +149,8 @@ def load_model(path: str | Path, *, spec: str | None = None, spec_options: dict[
                device: str = "auto") -> DeployedModel:
     """Rebuild an exported model; ``spec``/``spec_options`` override the stored ones (e.g. another data dir)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"--model {path} is a folder; give the model file that headcache export wrote")
     if not path.is_file():
         raise CheckpointError(f"--model {path} does not exist")
     saved = _load_file(path, "--model", "a model written by headcache export; export it again")

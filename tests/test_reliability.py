@@ -1290,3 +1290,10 @@ def test_hostile_bench_out_a_file_is_refused(tmp_path, toy_cache, toy_checkpoint
                  "--device", "cpu", *opts(n=24))
     assert_clean_error(result, "--out", "is a file")
     assert target.read_text() == "mine"
+
+
+def test_hostile_predict_model_a_folder_says_so(tmp_path):
+    """predict --model naming a folder: the message says it is a folder (today: 'does not exist')."""
+    result = run("predict", "--model", tmp_path, "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert_clean_error(result, "--model", "is a folder")
+    assert "does not exist" not in result.output
