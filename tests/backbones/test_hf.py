@@ -49,6 +49,20 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in flat, f"{fragment!r} not in {result.output!r}"
 
 
+def assert_predicts_the_runs_test_probabilities(model: Path, run_dir: Path, data: Path, tmp_path: Path) -> None:
+    """`predict` of the exported model on the test texts, unlabelled, gives the run's own test probabilities."""
+    unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
+                                                  for r in rows_of(data) if r["split"] == "test"])
+    preds = tmp_path / "preds.csv"
+    result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
+    assert [r["id"] for r in mine] == [r["id"] for r in theirs]
+    assert all(r["label"] == "" for r in mine)
+    assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
+
+
 def transformers_states(folder: Path, texts: list[str], pairs: list[str] | None = None,
                         max_length: int | None = None) -> list[np.ndarray]:
     """What transformers itself gives for each text alone: last_hidden_state [T_i, D]."""
@@ -121,17 +135,7 @@ class TestExtractAndTrain:
         result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
                      "--spec-opt", f"data={reviews_csv}")
         assert result.exit_code == 0, result.output
-        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
-                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
-        preds = tmp_path / "preds.csv"
-        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
-                     "--device", "cpu")
-        assert result.exit_code == 0, result.output
-        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
-        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
-        assert all(r["label"] == "" for r in mine)
-        for a, b in zip(mine, theirs):
-            assert abs(float(a["p1"]) - float(b["p1"])) <= 1e-4
+        assert_predicts_the_runs_test_probabilities(model, run_dir, reviews_csv, tmp_path)
 
 
 class TestData:
@@ -506,15 +510,7 @@ class TestEveryLayerFromOneCache:
         result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
                      "--spec-opt", f"data={reviews_csv}", "--spec-opt", "layers=all")
         assert result.exit_code == 0, result.output
-        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
-                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
-        preds = tmp_path / "preds.csv"
-        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
-                     "--device", "cpu")
-        assert result.exit_code == 0, result.output
-        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
-        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
-        assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
+        assert_predicts_the_runs_test_probabilities(model, run_dir, reviews_csv, tmp_path)
 
 
 def transformers_hidden_states(folder: Path, texts: list[str]) -> list[np.ndarray]:
