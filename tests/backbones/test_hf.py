@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_user_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 from typer.testing import CliRunner
@@ -39,14 +40,6 @@ def run(*args) -> object:
 def hf_extract(folder: Path, data: Path, out: Path, *extra) -> object:
     return run("extract", "--spec", "hf", "--checkpoint", folder, "--spec-opt", f"data={data}", "--out", out,
                "--dtype", "float32", "--device", "cpu", "--batch-size", "16", *extra)
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output, result.output
-    flat = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in flat, f"{fragment!r} not in {result.output!r}"
 
 
 def assert_predicts_the_runs_test_probabilities(model: Path, run_dir: Path, data: Path, tmp_path: Path) -> None:
