@@ -50,6 +50,7 @@ from headcache.train import (
     FitResult,
     HeadTask,
     bank_key,
+    layer_view,
     num_classes_of,
     predict_split,
     require_labels,
@@ -291,7 +292,7 @@ def _refit(folder: Path, sources: FeatureSources, configs: list[Head], summary: 
     results = train_banks(sources, banks, num_classes=num_classes, hidden_dim=first.hidden_dim, on_epoch=on_epoch)
     for head, row in zip(configs, summary):
         result, record, test = results[head.name], records[head.name], tests[head.name]
-        source = sources(head.config)
+        source = sources(head.config, layer_view([head.config]))  # the features the refit head reads
         metrics, predictions = {}, {}
         if test:
             checkpoint = head_checkpoint(result, result.last_state, result.epochs_run - 1, record)

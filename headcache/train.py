@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import numpy.random  # noqa: F401 - eagerly: numpy imports it lazily, and a Ctrl-C landing in that import is lost
+import numpy.random  # noqa: F401  (not on first use in `fit`: a Ctrl-C during its import is lost, see below)
 import torch
 from torch import Tensor
 
@@ -51,6 +51,9 @@ def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
+# numpy loads numpy.random on first use; a KeyboardInterrupt raised while its compiled modules initialise
+# is swallowed there (measured: 1 Ctrl-C in about 10 sent as a run started was lost, and the run went on
+# to the end), so train.py imports it up front, before any run directory exists.
 def derived_seeds(seed: int) -> tuple[int, int, int]:
     """Independent seeds for (initialisation, dropout, batch order) from one --seed."""
     init, dropout, order = np.random.SeedSequence(seed).generate_state(3)

@@ -21,6 +21,16 @@ TINY_PATIENTS = 80
 TOY = str(REPO / "tests" / "data" / "toy_spec.py") + ":make_spec"  # a spec written outside the package
 
 
+def assert_user_error(result, *fragments: str) -> None:
+    """A CLI result (typer's CliRunner) that is a user error: exit 1, an ``error:`` line, no traceback, and
+    every fragment in the output (whitespace folded, so wrapping does not matter)."""
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.output and "Traceback" not in result.output, result.output
+    flat = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in flat, f"{fragment!r} not in {result.output!r}"
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """DemoFiles (data_dir, checkpoint) of a tiny demo: 80 patients, tiny backbone."""

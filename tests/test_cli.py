@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
-from conftest import TOY
+from conftest import TOY, assert_user_error
 from typer.testing import CliRunner
 
 from headcache.cli import app, config_options
@@ -33,14 +33,6 @@ runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that table cells do no
 
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    output = result.output
-    assert result.exit_code == 1, output
-    assert "error:" in output and "Traceback" not in output, output
-    for fragment in fragments:
-        assert fragment in " ".join(output.split()), f"{fragment!r} not in {output!r}"
 
 
 def _extract_args(spec, checkpoint, out, *extra):

@@ -176,3 +176,22 @@ class TestCommand:
         assert result.exit_code == 1, result.output
         assert "error:" in result.output and "Traceback" not in result.output
         assert message in " ".join(result.output.split()), result.output
+
+
+def test_cv_over_layers_and_a_mix_shares_one_bank_and_refits(tmp_path, layered_cache):
+    """A layer grid in cv: every fold head of every layer and the mix in one bank; the mix's fold heads and
+    its refit keep their learned layer weights, and the refit is scored through its own layers."""
+    from headcache.cv import cross_validate
+
+    result = cross_validate(layered_cache, tmp_path / "cv", folds=2, splits=("train", "valid"),
+                            base=TrainConfig(epochs=2, device="cpu", hidden=4), grid={"layer": ["0", "5", "mix"]},
+                            refit=True)
+    assert [len(bank) for bank in result.banks] == [3 * 2]  # 3 layers x 2 folds, one batched computation
+    runs = {}
+    for metrics in (tmp_path / "cv").rglob("metrics.json"):
+        layer = json.loads((metrics.parent / "config.json").read_text())["train"]["layer"]
+        runs.setdefault(layer, []).append(json.loads(metrics.read_text()))
+    assert sorted(runs) == ["0", "5", "mix"] and len(runs["mix"]) == 3  # 2 folds + the refit
+    assert all(sorted(m["layer_weights"]) == ["0", "2", "5"] for m in runs["mix"])
+    assert not any("layer_weights" in m for m in runs["0"] + runs["5"])
+    assert all(0.0 <= row["refit_test_auroc"] <= 1.0 for row in result.summary)

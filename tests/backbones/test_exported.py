@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_user_error
 from torch import nn
 from typer.testing import CliRunner
 
@@ -52,14 +53,6 @@ def write_split(path: Path, lengths: list[int], labels: list[int] | None, seed: 
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output, result.output
-    flat = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in flat, f"{fragment!r} not in {result.output!r}"
 
 
 @pytest.fixture

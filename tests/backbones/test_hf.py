@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_user_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, BertForMaskedLM
 from typer.testing import CliRunner
@@ -41,12 +42,18 @@ def hf_extract(folder: Path, data: Path, out: Path, *extra) -> object:
                "--dtype", "float32", "--device", "cpu", "--batch-size", "16", *extra)
 
 
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "error:" in result.output and "Traceback" not in result.output, result.output
-    flat = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in flat, f"{fragment!r} not in {result.output!r}"
+def assert_predicts_the_runs_test_probabilities(model: Path, run_dir: Path, data: Path, tmp_path: Path) -> None:
+    """`predict` of the exported model on the test texts, unlabelled, gives the run's own test probabilities."""
+    unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
+                                                  for r in rows_of(data) if r["split"] == "test"])
+    preds = tmp_path / "preds.csv"
+    result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
+    assert [r["id"] for r in mine] == [r["id"] for r in theirs]
+    assert all(r["label"] == "" for r in mine)
+    assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
 
 
 def transformers_states(folder: Path, texts: list[str], pairs: list[str] | None = None,
@@ -121,17 +128,7 @@ class TestExtractAndTrain:
         result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
                      "--spec-opt", f"data={reviews_csv}")
         assert result.exit_code == 0, result.output
-        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
-                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
-        preds = tmp_path / "preds.csv"
-        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
-                     "--device", "cpu")
-        assert result.exit_code == 0, result.output
-        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
-        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
-        assert all(r["label"] == "" for r in mine)
-        for a, b in zip(mine, theirs):
-            assert abs(float(a["p1"]) - float(b["p1"])) <= 1e-4
+        assert_predicts_the_runs_test_probabilities(model, run_dir, reviews_csv, tmp_path)
 
 
 class TestData:
@@ -506,15 +503,7 @@ class TestEveryLayerFromOneCache:
         result = run("export", "--spec", "hf", "--checkpoint", bert_folder, "--run", run_dir, "--out", model,
                      "--spec-opt", f"data={reviews_csv}", "--spec-opt", "layers=all")
         assert result.exit_code == 0, result.output
-        unlabelled = write_csv(tmp_path / "new.csv", [{"id": r["id"], "text": r["text"]}
-                                                      for r in rows_of(reviews_csv) if r["split"] == "test"])
-        preds = tmp_path / "preds.csv"
-        result = run("predict", "--model", model, "--split", "new", "--out", preds, "--spec-opt", f"data={unlabelled}",
-                     "--device", "cpu")
-        assert result.exit_code == 0, result.output
-        mine, theirs = rows_of(preds), rows_of(run_dir / "predictions_test.csv")
-        assert [r["id"] for r in mine] == [r["id"] for r in theirs]
-        assert max(abs(float(a["p1"]) - float(b["p1"])) for a, b in zip(mine, theirs)) <= 1e-4
+        assert_predicts_the_runs_test_probabilities(model, run_dir, reviews_csv, tmp_path)
 
 
 def transformers_hidden_states(folder: Path, texts: list[str]) -> list[np.ndarray]:
