@@ -72,6 +72,7 @@ class ShardSpec:
 
     def __init__(self, spec: Any, index: int, count: int, name: str):
         self._spec, self._index, self._count, self.name = spec, index, count, name
+        self.shard = (index, count)  # recorded in the part file: it is not a whole cache
 
     def __getattr__(self, member: str) -> Any:
         return getattr(self._spec, member)

@@ -235,6 +235,7 @@ def extract(spec: str | Any, checkpoint: str | Path, out: str | Path, config: Ex
     attrs = {
         "layers": runner.layers,
         "token_layers": [runner.layers[p] for p in runner.token_positions],
+        "shard": getattr(spec, "shard", None),  # a ShardSpec's part file
         "backbone_fingerprint": report.fingerprint,
         # Provenance only: a resume compares the data itself (`_check_same_data`), not this text.
         "spec": spec_text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else ""),

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from headcache.devices import to_device
-from headcache.errors import ConfigError
+from headcache.errors import CacheError, ConfigError
 from headcache.pooling import TokenBatch, check_pool_name, head_inputs, is_learnable
 from headcache.spec import check_encode_output, spec_layers, spec_member
 from headcache.store import CacheReader
@@ -200,6 +200,11 @@ class CachedFeatures(_LayerView):
             self.num_classes = getattr(reader, "num_classes", None)  # recorded from schema 2 on
             self.splits = tuple(reader.splits)
             self._set_view(layer, reader.layers, reader.token_layers, learned=self.tokens_needed, where="the cache")
+            if reader.shard is not None:  # 1/N of every split: training on it would silently use part of the data
+                index, count = reader.shard
+                raise CacheError(f"{self.path} is part {index} of {count} of a sharded extraction (--shard): it "
+                                 f"holds 1/{count} of every split; join the parts into one cache first "
+                                 "(headcache merge CACHE.h5, the path without its .part-I-of-N suffix)")
         self._read = "all" if self.layered else self.layers[0]  # the store's layer argument
         self.width = self.hidden_dim * len(self.layers) if self.layered else self.hidden_dim  # of a token row
         self.memory_budget = default_memory_budget(device) if memory_budget is None else memory_budget

@@ -116,10 +116,10 @@ AMPS = ("none", "bf16", "fp16")
 # Root attributes the caller must supply; format, schema and created_by are added here.
 WRITER_ATTRS = ("backbone_fingerprint", "spec", "checkpoint_sha256", "hidden_dim", "dtype", "load_report")
 # Root attributes the caller may supply: amp (None: "none"), and the spec's classes (None: from the labels).
-OPTIONAL_ATTRS = ("amp", "num_classes", "class_names", "layers", "token_layers")
+OPTIONAL_ATTRS = ("amp", "num_classes", "class_names", "layers", "token_layers", "shard")
 # What must match for an existing file to be resumed rather than refused. Not the spec text: it holds
 # the spec options (a data path spelled relative or absolute); the data is compared by content instead.
-IDENTITY_ATTRS = ("backbone_fingerprint", "hidden_dim", "dtype", "amp", "layers", "token_layers")
+IDENTITY_ATTRS = ("backbone_fingerprint", "hidden_dim", "dtype", "amp", "layers", "token_layers", "shard")
 # Chunks of about 1 MiB: large enough for fast sequential reads, small enough that reading one
 # sequence does not checksum much more than it needs.
 CHUNK_BYTES = 1 << 20
@@ -304,6 +304,8 @@ class CacheWriter:
             root["hidden_dim"] = attrs["hidden_dim"]
             root["layers"] = np.asarray(self._layers, dtype=np.int64)
             root["token_layers"] = np.asarray(self._token_layers, dtype=np.int64)
+            if attrs["shard"] is not None:  # a part of a sharded extraction (distributed.py), not a whole cache
+                root["shard"] = np.asarray(attrs["shard"], dtype=np.int64)
             root["num_classes"] = self._num_classes or MIN_CLASSES
             _set_text(root, "class_names", json.dumps(attrs["class_names"] or default_class_names(MIN_CLASSES)))
             _set_text(root, "split_names", "[]")  # a split whose link is damaged must not just vanish from the listing
@@ -844,7 +846,8 @@ class CacheReader:
             return SchemaError(f"{self.path}: root attribute {key!r} is {_plain(root[key])!r}, not {expected}; the "
                                "file is damaged: re-extract it (headcache extract ... --overwrite)")
 
-        root = {key: _plain(value) if key not in ("layers", "token_layers") else value for key, value in root.items()}
+        root = {key: _plain(value) if key not in ("layers", "token_layers", "shard") else value
+                for key, value in root.items()}
         for key in ("backbone_fingerprint", "spec", "checkpoint_sha256", "created_by", "dtype"):
             if not isinstance(root[key], str):
                 raise bad(key, "a string")
@@ -860,6 +863,13 @@ class CacheReader:
         self.created_by = str(root["created_by"])
         self.load_report = self._read_load_report(root)
         self.layers, self.token_layers = [SINGLE_LAYER], [SINGLE_LAYER]
+        self.shard: tuple[int, int] | None = None  # (index, count) of a part file of a sharded extraction
+        if "shard" in root:
+            shard = root["shard"]
+            if not (isinstance(shard, np.ndarray) and shard.shape == (2,) and shard.dtype == np.dtype("<i8")
+                    and 0 <= shard[0] < shard[1]):
+                raise bad("shard", "(index, count) with 0 <= index < count")
+            self.shard = (int(shard[0]), int(shard[1]))
         if self.schema >= 3:
             self.layers = self._read_layer_ids(root, "layers", bad)
             self.token_layers = self._read_layer_ids(root, "token_layers", bad)
@@ -1051,6 +1061,7 @@ class CacheReader:
             "class_names": self.class_names,
             "layers": self.layers,
             "token_layers": self.token_layers,
+            "shard": None if self.shard is None else list(self.shard),
             "backbone_fingerprint": self.backbone_fingerprint,
             "spec": self.spec,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -1561,6 +1572,12 @@ def _check_writer_attrs(attrs: Mapping) -> dict:
         raise ConfigError(f"token layers {outside} are not among the cached layers {layers}; --token-layers takes "
                           "`last`, `all` or some of the spec's layers")
     attrs["layers"], attrs["token_layers"] = layers, sorted(token_layers, key=layers.index)
+    shard = attrs["shard"]
+    if shard is not None:
+        if not (isinstance(shard, (list, tuple)) and len(shard) == 2 and all(_is_int(i) for i in shard)
+                and 0 <= shard[0] < shard[1]):
+            raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+        attrs["shard"] = [int(shard[0]), int(shard[1])]
     return attrs
 
 

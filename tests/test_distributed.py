@@ -82,6 +82,23 @@ class TestShardsAndMerge:
         assert runner.invoke(app, ["merge", str(out), "--keep-parts"]).exit_code == 0
         assert out.is_file() and part_path(out, 0, 2).is_file() and part_path(out, 1, 2).is_file()
 
+    def test_a_part_is_not_trained_on_as_if_it_were_the_cache(self, tmp_path, toy_checkpoint):
+        out = tmp_path / "cache.h5"
+        for i in range(2):
+            assert runner.invoke(app, shard_command(out, toy_checkpoint, f"{i}/2")).exit_code == 0
+        with CacheReader(part_path(out, 1, 2)) as reader:
+            assert reader.shard == (1, 2) and reader.summary()["shard"] == [1, 2]
+        train = ["train", "--cache", str(part_path(out, 0, 2)), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--device", "cpu", "--quiet"]
+        result = runner.invoke(app, train)
+        assert result.exit_code == 1 and "is part 0 of 2 of a sharded extraction" in " ".join(result.output.split())
+        assert "headcache merge" in result.output and not (tmp_path / "run").exists()
+        assert runner.invoke(app, ["merge", str(out)]).exit_code == 0
+        with CacheReader(out) as reader:
+            assert reader.shard is None  # the merged cache is whole
+        train[2] = str(out)
+        assert runner.invoke(app, train).exit_code == 0
+
     def test_a_missing_part_is_refused_by_name_and_nothing_is_written(self, tmp_path, toy_checkpoint):
         out = tmp_path / "cache.h5"
         for i in (0, 2):

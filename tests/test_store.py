@@ -692,7 +692,7 @@ class TestSummary:
         fingerprint = data_fingerprint(["id-0", "id-1", "id-2"], np.array([0, 1, 2]), np.array([0, 2, 2, 6]))
         assert summary == {
             "path": str(path), "format": "headcache", "schema": 3, "hidden_dim": D, "dtype": "float32",
-            "amp": "none", "num_classes": 3, "class_names": ["0", "1", "2"], "layers": [-1], "token_layers": [-1],
+            "amp": "none", "num_classes": 3, "class_names": ["0", "1", "2"], "layers": [-1], "token_layers": [-1], "shard": None,
             "backbone_fingerprint": "ab" * 32, "spec": "demo", "checkpoint_sha256": "cd" * 32,
             "created_by": "headcache 0.1.0", "load_report": {"loaded": 7, "key_map": {}},
             "splits": {
