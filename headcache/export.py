@@ -34,7 +34,15 @@ from headcache.rundir import (
     replaced_atomically,
     write_predictions,
 )
-from headcache.spec import load_backbone, load_from_spec, resolve_spec, spec_layers, spec_member, spec_splits
+from headcache.spec import (
+    check_encode_output,
+    load_backbone,
+    load_from_spec,
+    resolve_spec,
+    spec_layers,
+    spec_member,
+    spec_splits,
+)
 from headcache.store import SINGLE_LAYER
 
 MODEL_FORMAT = "headcache-model"
@@ -52,7 +60,9 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: Any) -> Tensor:
-        hidden, mask = self.spec.encode(self.backbone, batch)
+        with spec_member("encode", "a batch to predict"):
+            output = self.spec.encode(self.backbone, batch)
+        hidden, mask = check_encode_output(output, batch_size=None, layers=getattr(self.spec, "layers", None))
         # the features the head was trained on: NOTE [ One seam ] in pooling.py
         layers = None if hidden.dim() == 3 else self.positions
         features = head_inputs(hidden, mask, pool=self.pool_name, dtype=self.dtype, layers=layers)

@@ -144,15 +144,16 @@ def spec_member(member: str, where: str = "") -> Iterator[None]:
                         f"fix the spec's {member} (--debug shows the traceback)") from exc
 
 
-def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+def check_encode_output(output: Any, *, batch_size: int | None, layers: Sequence[int] | None = None
+                        ) -> tuple[Tensor, Tensor]:
     """Check what ``spec.encode`` returned against the contract; return ``(hidden, mask)``.
 
     Parameters
     ----------
     output : object
         What encode returned: must be a 2-tuple ``(hidden, mask)``.
-    batch_size : int
-        Items in the batch given to encode (B).
+    batch_size : int or None
+        Items in the batch given to encode (B); None where the caller does not know it (any B).
     layers : sequence of int, optional
         The spec's ``layers``; only then may hidden be 4-D ``[B, L, T, D]``
         with ``L == len(layers)``.
@@ -165,7 +166,8 @@ def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] |
     several = bool(layers) and len(layers) > 1  # then one state per layer: [B, T, D] would lose the layer axis
     hidden_shape = "[B, T, D]" if not layers else f"[B, {len(layers)}, T, D] (one per spec.layers)" if several else \
         "[B, T, D] or [B, 1, T, D] (spec.layers names one)"
-    expected = f"expected (hidden {hidden_shape} float tensor, mask [B, T] bool tensor) with B={batch_size}"
+    expected = f"expected (hidden {hidden_shape} float tensor, mask [B, T] bool tensor)" + (
+        f" with B={batch_size}" if batch_size is not None else "")
 
     def refuse(got: str) -> SpecError:
         return SpecError(f"spec.encode returned {got}; {expected}")
@@ -178,7 +180,7 @@ def check_encode_output(output: Any, *, batch_size: int, layers: Sequence[int] |
         raise refuse(f"({type(hidden).__name__}, {type(mask).__name__})")
     got = f"hidden {list(hidden.shape)} {str(hidden.dtype).removeprefix('torch.')} and mask {list(mask.shape)}"
     ndim_ok = (hidden.ndim == 3 and not several) or (hidden.ndim == 4 and bool(layers) and hidden.shape[1] == len(layers))
-    if not ndim_ok or not hidden.is_floating_point() or hidden.shape[0] != batch_size:
+    if not ndim_ok or not hidden.is_floating_point() or batch_size not in (None, hidden.shape[0]):
         raise refuse(got)
     if mask.shape != (hidden.shape[0], hidden.shape[-2]) or mask.is_complex():
         raise refuse(got)

@@ -1297,3 +1297,14 @@ def test_hostile_predict_model_a_folder_says_so(tmp_path):
     result = run("predict", "--model", tmp_path, "--out", tmp_path / "p.csv", "--device", "cpu")
     assert_clean_error(result, "--model", "is a folder")
     assert "does not exist" not in result.output
+
+
+@pytest.mark.parametrize("mode, got", [("hidden2d", "hidden ["), ("short_mask", "mask ["), ("triple", "tuple of 3")])
+def test_hostile_predict_checks_what_encode_returns(tmp_path, toy_model, mode, got):
+    """predict with a spec whose encode breaks the contract (a spec option the model is run with): a SpecError
+    naming spec.encode and what it returned, as extraction gives; no csv written."""
+    _, model = toy_model
+    out = tmp_path / "preds.csv"
+    assert_clean_error(run("predict", "--model", model, "--split", "test", "--out", out, "--device", "cpu",
+                           "--spec-opt", f"mode={mode}"), "spec.encode returned", got)
+    assert not out.exists()
