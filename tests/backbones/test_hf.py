@@ -143,9 +143,15 @@ class TestData:
             assert split.labels.tolist() == [-1] * 10 and split.ids == [str(i) for i in range(10)]
             assert "class_names" not in reader.load_report["spec_report"]
             assert_cache_equals(split, transformers_states(bert_folder, texts))
-        # NOTE [ Unlabelled items ] in train.py: refused as the train split, by name and flag
+        # NOTE [ Unlabelled items ] in train.py: refused as the train split, by name and flag (a second split
+        # to validate on: the train split itself is refused as --val-split)
+        folder = tmp_path / "two"
+        folder.mkdir()
+        for name in ("fresh", "later"):
+            write_csv(folder / f"{name}.csv", [{"text": t} for t in texts])
+        assert hf_extract(bert_folder, folder, cache, "--overwrite").exit_code == 0
         result = run("train", "--cache", cache, "--out", tmp_path / "run", "--train-split", "fresh", "--val-split",
-                     "fresh", "--device", "cpu", "--quiet")
+                     "later", "--device", "cpu", "--quiet")
         assert_user_error(result, "split 'fresh' is unlabelled: the train split needs a label for every item",
                           "--train-split")
         assert not (tmp_path / "run" / "metrics.json").exists()
