@@ -270,6 +270,7 @@ class CacheWriter:
                  splits: Sequence[str] | None = None):
         self.path = Path(path)
         attrs = _check_writer_attrs(attrs)
+        _make_folder(self.path)
         self._dtype = np.dtype(attrs["dtype"])
         self._hidden_dim = attrs["hidden_dim"]
         self._num_classes = attrs["num_classes"]  # the spec's, or None: from the labels
@@ -1474,6 +1475,14 @@ def _ensure_space(path: Path, needed: int, split: str, k: int, committed: int) -
             f"{_mib(needed)}, {_mib(room)} is {where}; the {committed} sequences written before are kept: {fix} "
             "and run the same command again to resume"
         )
+
+
+def _make_folder(path: Path) -> None:
+    """The folder a new cache goes into, made when missing; a file where a folder must be is refused."""
+    blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputExistsError(f"cannot write {path}: {blocking} is a file, not a folder; choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _mib(count: int) -> str:

@@ -116,7 +116,11 @@ def expand_grid(grid: Mapping[str, Sequence[Any]] | None, seeds: Sequence[int], 
         texts = tuple((key, str(value)) for key, value in zip(keys, combination))
         options = dict(zip(keys, combination))
         for seed in seeds:
-            config = config_from_options({**options, "seed": seed}, base)
+            try:
+                config = config_from_options({**options, "seed": seed}, base)
+            except ConfigError as exc:  # the flag's own message, and the grid point that gave the value
+                point = ",".join(f"{key}={text}" for key, text in texts)
+                raise ConfigError(f"--grid {point}: {exc}") from None
             head = Head(texts, tuple((key, getattr(config, key)) for key in keys), seed, config)
             if config in seen:
                 raise ConfigError(f"grid heads {seen[config]} and {head.name} have the same config; "
@@ -133,9 +137,9 @@ def expand_grid(grid: Mapping[str, Sequence[Any]] | None, seeds: Sequence[int], 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ConfigError(f"seeds must be integers >= 0, at least one; got {seeds!r}")
+        raise ConfigError(f"--seeds: seeds must be integers >= 0, at least one; got {seeds!r}")
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds {seeds} repeat a seed; give each once")
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))} repeats a seed; give each once")
     return seeds
 
 

@@ -1329,3 +1329,17 @@ class TestLayers:
             rows = layered_rows(layered([2]), 0, [0])  # one token layer where two are stored
             with pytest.raises(DataError, match=r"tokens must be \(T, 2, 4\) \(2 token layers\), got \(2, 1, 4\)"):
                 split.write(**rows)
+
+
+class TestOutputFolder:
+    def test_a_missing_folder_is_made(self, tmp_path):
+        path = tmp_path / "new" / "deeper" / "c.h5"
+        CacheWriter(path, make_attrs()).close()
+        with CacheReader(path) as reader:
+            assert reader.splits == []
+
+    def test_a_file_where_the_folder_must_be_is_named(self, tmp_path):
+        (tmp_path / "afile").write_text("mine")
+        with pytest.raises(OutputExistsError, match=r"afile is a file, not a folder; choose another --out"):
+            CacheWriter(tmp_path / "afile" / "sub" / "c.h5", make_attrs())
+        assert (tmp_path / "afile").read_text() == "mine"

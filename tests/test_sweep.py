@@ -136,10 +136,15 @@ class TestGridErrors:
         assert not (tmp_path / "out").exists()
 
     def test_bad_seeds_are_refused(self, signal_cache, tmp_path):
-        with pytest.raises(ConfigError, match="seeds must be integers >= 0"):
+        with pytest.raises(ConfigError, match="^--seeds: seeds must be integers >= 0"):
             sweep(signal_cache, tmp_path / "out", {}, seeds=[-1])
-        with pytest.raises(ConfigError, match="repeat a seed"):
+        with pytest.raises(ConfigError, match="^--seeds 0,0 repeats a seed"):
             sweep(signal_cache, tmp_path / "out", {}, seeds=[0, 0])
+
+    def test_a_bad_grid_value_names_the_grid_point_and_the_setting(self, signal_cache, tmp_path):
+        with pytest.raises(ConfigError, match=r"^--grid lr=-1,head=mlp: --lr must be a float in \(0, inf\)"):
+            sweep(signal_cache, tmp_path / "out", {"lr": ["1e-3", "-1"], "head": ["mlp"]})
+        assert not (tmp_path / "out").exists()
 
     def test_names_and_order_follow_the_grid_then_the_seeds(self):
         heads = expand_grid({"lr": ["1e-3", "2e-3"], "head": ["linear"]}, [3, 4], TrainConfig())
