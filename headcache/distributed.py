@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from headcache.errors import CacheError, ConfigError, HeadcacheError, OutputExistsError
+from headcache.errors import CacheError, ConfigError, OutputExistsError
 from headcache.store import CacheReader, CacheWriter
 
 MERGE_BLOCK = 4096  # sequences copied per write: large reads, bounded memory
@@ -107,14 +107,6 @@ def spec_text(spec: str | Any, spec_options: dict[str, str] | None) -> str:
     """The cache's spec attribute as an unsharded `extract` writes it."""
     text = spec if isinstance(spec, str) else getattr(spec, "name", type(spec).__name__)
     return text + (" " + json.dumps(spec_options, sort_keys=True) if spec_options else "")
-
-
-def part_complete(path: Path) -> bool:
-    try:
-        with CacheReader(path) as reader:
-            return all(reader.split(name, require_complete=False).complete for name in reader.splits)
-    except HeadcacheError:
-        return False
 
 
 # ---------------------------------------------------------------------------- merge

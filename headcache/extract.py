@@ -37,7 +37,6 @@ from headcache.distributed import (
     ShardSpec,
     agree,
     merge_parts,
-    part_complete,
     part_path,
     rank_device,
     spec_text,
@@ -55,7 +54,7 @@ from headcache.errors import (
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
 from headcache.rundir import refuse_inputs
 from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_layers, spec_member, spec_splits
-from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range
+from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range, is_complete
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
 PADDING_PROBE = 4  # items encoded alone and together to check padding invariance
@@ -479,7 +478,7 @@ def extract_shard(spec: str | Any, checkpoint: str | Path | None, out: str | Pat
     """
     index, count = shard
     part = part_path(out, index, count)
-    if part.exists() and not config.overwrite and part_complete(part):
+    if part.exists() and not config.overwrite and is_complete(part):
         return None
     spec_object = resolve_spec(spec, spec_options) if isinstance(spec, str) else spec
     return extract(ShardSpec(spec_object, index, count, spec_text(spec, spec_options)), checkpoint, part, config,

@@ -102,6 +102,7 @@ from headcache.errors import (
     DataError,
     DiskFullError,
     FingerprintMismatchError,
+    HeadcacheError,
     OutputExistsError,
     SchemaError,
     SplitIncompleteError,
@@ -1392,6 +1393,15 @@ class SplitReader:
         """Hidden states of sequence ``i`` in one token layer, (T_i, D), in the cache dtype."""
         starts, stops = sequence_bounds(self.offsets, [i])
         return self.tokens(int(starts[0]), int(stops[0]), layer=layer)
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a readable cache whose every split is complete (an interrupted extraction's is not)."""
+    try:
+        with CacheReader(path) as reader:
+            return all(reader.split(name, require_complete=False).complete for name in reader.splits)
+    except HeadcacheError:
+        return False
 
 
 def verify(path: str | Path) -> dict[str, list[str]]:
