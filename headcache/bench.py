@@ -50,7 +50,7 @@ from headcache.errors import EquivalenceError, OutputExistsError, OutputWriteErr
 from headcache.extract import ExtractConfig, extract
 from headcache.features import CachedFeatures, LiveFeatures
 from headcache.pooling import is_learnable
-from headcache.rundir import replaced_atomically, write_json
+from headcache.rundir import new_figure, save_figure, write_json
 from headcache.spec import load_backbone, resolve_spec, spec_splits
 from headcache.train import HeadTask, fit, layer_view, num_classes_of, resolve_splits, tasks_for_splits
 
@@ -309,15 +309,10 @@ def write_bench(result: BenchResult, out: Path) -> None:
 
 def plot_bench(result: BenchResult, path: Path) -> None:
     """Cumulative seconds against epochs for both paths, with the break-even epoch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     even = result.break_even_epochs
     horizon = max(PROJECTED_EPOCHS[-1], 2 * even if even else 0)
     epochs = list(range(horizon + 1))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    figure, [ax] = new_figure((7, 4.5))
     ax.plot(epochs, [e * result.epoch_seconds_end_to_end for e in epochs], label="end to end (backbone every step)")
     ax.plot(epochs, [result.extract_seconds + e * result.epoch_seconds_cached for e in epochs],
             label="extract once + cached epochs")
@@ -330,7 +325,4 @@ def plot_bench(result: BenchResult, path: Path) -> None:
     ax.set_title(f"{result.spec}, {result.pool} pool: {result.speedup_at(50):.0f}x faster at 50 epochs "
                  f"(measured over {result.epochs})")
     ax.legend()
-    fig.tight_layout()
-    with replaced_atomically(path) as temp:
-        fig.savefig(temp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(figure, path)

@@ -600,7 +600,7 @@ def best_first(rows: list[dict], key: str) -> list[dict]:
     return sorted(rows, key=lambda row: (row[key] is None, -(row[key] or 0.0)))
 
 
-def _figure(size: tuple[float, float], columns: int = 1) -> tuple[Any, list]:
+def new_figure(size: tuple[float, float], columns: int = 1) -> tuple[Any, list]:
     """A matplotlib Figure on its own Agg canvas, and its axes: no pyplot, no global backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported here: matplotlib is slow to import
     from matplotlib.figure import Figure
@@ -610,7 +610,8 @@ def _figure(size: tuple[float, float], columns: int = 1) -> tuple[Any, list]:
     return figure, [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
 
 
-def _save_figure(figure: Any, path: Path) -> None:
+def save_figure(figure: Any, path: Path) -> None:
+    """A figure as ``path`` (PNG), written atomically like every run file."""
     figure.tight_layout()
     with replaced_atomically(path) as temp:
         figure.savefig(temp, dpi=100, format="png")
@@ -618,7 +619,7 @@ def _save_figure(figure: Any, path: Path) -> None:
 
 def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
     """curves.png: train and val loss, val AUROC and AUPRC per epoch, the best epoch marked."""
-    figure, (ax_loss, ax_metric) = _figure((10, 4), columns=2)
+    figure, (ax_loss, ax_metric) = new_figure((10, 4), columns=2)
     epochs = [r["epoch"] for r in history]
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val loss")
@@ -629,18 +630,18 @@ def plot_curves(history: list[dict], path: Path, *, best_epoch: int) -> None:
             ax.axvline(best_epoch, color="grey", linestyle=":", label="best epoch")
         ax.set_xlabel("epoch")
         ax.legend()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_layer_weights(weights: Mapping[int, float], path: Path) -> None:
     """layer_weights.png: a learned layer mix's softmax weight of each layer."""
-    figure, [ax] = _figure((max(4, 0.5 * len(weights) + 2), 3))
+    figure, [ax] = new_figure((max(4, 0.5 * len(weights) + 2), 3))
     ax.bar([str(layer) for layer in weights], list(weights.values()))
     ax.axhline(1 / len(weights), color="grey", linestyle=":", label="even mix (the start)")
     ax.set_xlabel("layer")
     ax.set_ylabel("softmax weight")
     ax.legend()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
@@ -651,7 +652,7 @@ def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
             by_layer.setdefault(str(row["layer"]), row)
     ids = sorted(int(name) for name in by_layer if name.lstrip("-").isdigit())
     names = [str(i) for i in ids] + [name for name in ("last", "mix") if name in by_layer]
-    figure, [ax] = _figure((max(5, 0.6 * len(names) + 2), 3.5))
+    figure, [ax] = new_figure((max(5, 0.6 * len(names) + 2), 3.5))
     positions = np.arange(len(names))
     for offset, role in ((-0.1, "val"), (0.1, "test")):
         metric = f"{role}_auroc"
@@ -667,14 +668,14 @@ def plot_layer_curve(rows: list[dict], path: Path, *, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_leaderboard(rows: list[dict], path: Path, *, title: str, metric: str = "val_auroc",
                      label: str = "run") -> None:
     """Each row's ``metric`` with its 95% interval, best at the top (rows without a value are left out)."""
     shown = [row for row in rows if row.get(metric) is not None][::-1]
-    figure, [ax] = _figure((8, 1.5 + 0.28 * max(1, len(shown))))
+    figure, [ax] = new_figure((8, 1.5 + 0.28 * max(1, len(shown))))
     values = np.array([row[metric] for row in shown], dtype=float)
     low, high = (np.array([row[metric] if row.get(f"{metric}_{end}") is None else row[f"{metric}_{end}"]
                            for row in shown], dtype=float) for end in ("ci_low", "ci_high"))
@@ -684,4 +685,4 @@ def plot_leaderboard(rows: list[dict], path: Path, *, title: str, metric: str = 
     ax.set_xlabel(f"{metric.replace('_', ' ')} (95% bootstrap interval)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    _save_figure(figure, path)
+    save_figure(figure, path)
