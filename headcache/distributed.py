@@ -290,7 +290,7 @@ def torchrun_ranks() -> Iterator[Ranks | None]:
         yield Ranks(*world)
         # every rank's last messages delivered before any tears the group down: a rank that destroyed it
         # while rank 0 still received its results died in gloo ("terminate called without an active
-        # exception", SIGABRT; seen once in about ten two-rank sweeps)
+        # exception", SIGABRT; seen once, in the two-rank sweep test)
         dist.barrier()
     finally:
         dist.destroy_process_group()
