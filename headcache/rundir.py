@@ -42,8 +42,10 @@ from torch import Tensor, nn
 
 from headcache.config import TrainConfig
 from headcache.errors import CheckpointError, HeadcacheError, OutputExistsError, OutputWriteError, RunInterrupted
+from headcache.features import view_layers
 from headcache.head import HeadModel, get_head
 from headcache.pooling import LayerMix, create_pool, is_learnable
+from headcache.store import SINGLE_LAYER
 
 try:
     import fcntl
@@ -416,11 +418,10 @@ def _names(kind: type) -> list[str]:
 
 def head_layers(config: TrainConfig, record: RunRecord) -> list[int]:
     """The layer ids a head reads, in order: its one layer, or every layer its mix weighs (the cache's
-    layers for a parameter-free pool, its token layers for the learned pool)."""
-    readable = (record.token_layers if is_learnable(config.pool) else record.layers) or [-1]
-    if config.layer == "mix":
-        return list(readable)
-    return [readable[-1] if config.layer == "last" else int(config.layer)]
+    layers for a parameter-free pool, its token layers for the learned pool; `features.view_layers`)."""
+    view = "all" if config.layer == "mix" else config.layer
+    return view_layers(view, record.layers or [SINGLE_LAYER], record.token_layers or [SINGLE_LAYER],
+                       learned=is_learnable(config.pool))
 
 
 def _known(kind: type, d: Mapping) -> dict:
