@@ -412,12 +412,10 @@ class _Runner:
         if self.config.dtype == "float16":  # before rounding, where an overflow is still a number
             check_float16_range(hidden, mask, ids, split)
         # the same rounding and pools as the live source and the exported model: NOTE [ One seam ] in pooling.py;
-        # each layer alone, so every layer's vectors are exactly what a one-layer cache of it would hold
-        per_layer = [cache_inputs(hidden[:, layer], mask, dtype=self.config.dtype) for layer in range(hidden.shape[1])]
-        mask = per_layer[0][1]
-        pooled = {name: torch.stack([states[name] for _, _, states in per_layer], 1).cpu().numpy()
-                  for name in per_layer[0][2]}  # (B, L, D) each
-        stored = torch.stack([per_layer[p][0] for p in self.token_positions], 2)  # (B, T, Lt, D)
+        # every layer pooled as if alone, so its vectors are exactly what a one-layer cache of it would hold
+        rounded, mask, pooled_states = cache_inputs(hidden, mask, dtype=self.config.dtype)
+        pooled = {name: vectors.cpu().numpy() for name, vectors in pooled_states.items()}  # (B, L, D) each
+        stored = rounded[:, self.token_positions].movedim(1, 2)  # the token layers' states, (B, T, Lt, D)
         stored = stored.to(getattr(torch, self.config.dtype)).cpu().numpy()  # exact: already rounded
         mask_np = mask.cpu().numpy()
         for b, (label, item_id) in enumerate(zip(labels, ids)):
