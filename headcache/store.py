@@ -485,8 +485,7 @@ class SplitWriter:
         """The committed rows' ids, read raw (the chunk holding the commit point may be torn)."""
         written = self.rows_written
         bounds = _raw_rows(self._group["id_offsets"], 0, written + 1)
-        raw = _raw_rows(self._group["id_bytes"], 0, int(bounds[-1])).tobytes()
-        return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        return _cut_ids(_raw_rows(self._group["id_bytes"], 0, int(bounds[-1])).tobytes(), bounds)
 
     def write(
         self,
@@ -701,6 +700,11 @@ class SplitWriter:
         self._on_finish(labels)
         group.attrs["complete"] = True
         group.file.flush()
+
+
+def _cut_ids(raw: bytes, bounds: np.ndarray) -> list[str]:
+    """Ids from their flat UTF-8 bytes and (N+1,) offsets (NOTE [ Nothing on the global heap ])."""
+    return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
 def _create_fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: type) -> h5py.Dataset:
@@ -1337,7 +1341,7 @@ class SplitReader:
         end = int(bounds[-1])
         raw = self._guard("id_bytes", lambda: self._dataset("id_bytes")[:end].tobytes() if end else b"")
         try:
-            return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            return _cut_ids(raw, bounds)
         except UnicodeDecodeError as exc:
             raise self._damaged(f"an id is not UTF-8 ({exc})", "id_bytes") from None
 
