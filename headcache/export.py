@@ -35,7 +35,7 @@ from headcache.rundir import (
     write_predictions,
 )
 from headcache.spec import (
-    check_encode_output,
+    encode_checked,
     load_backbone,
     load_from_spec,
     resolve_spec,
@@ -60,9 +60,7 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: Any) -> Tensor:
-        with spec_member("encode", "a batch to predict"):
-            output = self.spec.encode(self.backbone, batch)
-        hidden, mask = check_encode_output(output, batch_size=None, layers=getattr(self.spec, "layers", None))
+        hidden, mask = encode_checked(self.spec, self.backbone, batch, batch_size=None)
         # the features the head was trained on: NOTE [ One seam ] in pooling.py
         layers = None if hidden.dim() == 3 else self.positions
         features = head_inputs(hidden, mask, pool=self.pool_name, dtype=self.dtype, layers=layers)

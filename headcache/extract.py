@@ -53,7 +53,7 @@ from headcache.errors import (
 )
 from headcache.pooling import PARAMETER_FREE_POOLS, cache_inputs
 from headcache.rundir import refuse_inputs
-from headcache.spec import check_encode_output, load_backbone, resolve_spec, spec_layers, spec_member, spec_splits
+from headcache.spec import encode_checked, load_backbone, resolve_spec, spec_layers, spec_member, spec_splits
 from headcache.store import CHUNK_BYTES, CacheWriter, SplitWriter, check_float16_range, is_complete
 
 BUCKET_WINDOW = 32  # batches per length-sorting window: bounds the reorder buffer
@@ -331,9 +331,7 @@ class _Runner:
         batch = to_device(batch, self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.config.amp),
                                                     enabled=self.config.amp is not None):
-            with spec_member("encode", f"a batch of {batch_size}"):
-                output = self.spec.encode(self.backbone, batch)
-            hidden, mask = check_encode_output(output, batch_size=batch_size, layers=getattr(self.spec, "layers", None))
+            hidden, mask = encode_checked(self.spec, self.backbone, batch, batch_size=batch_size)
         return (hidden if hidden.dim() == 4 else hidden.unsqueeze(1)).float(), mask.bool()
 
     def probe(self, dataset: Any, split: str) -> int:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from headcache.devices import to_device
 from headcache.errors import CacheError, ConfigError
 from headcache.pooling import TokenBatch, check_pool_name, head_inputs, is_learnable
-from headcache.spec import check_encode_output, spec_layers, spec_member
+from headcache.spec import encode_checked, spec_layers
 from headcache.store import CacheReader
 from headcache.stream import MIN_BLOCK_BYTES, STREAM_FOOTPRINT, STREAM_SHARE, EpochSampler, TokenStream, gather_tokens
 
@@ -354,11 +354,8 @@ class LiveFeatures(_LayerView):
         inputs = [dataset[int(i)][0] for i in unique]
         batch = to_device(self.spec.collate(inputs), self.device)
         with torch.no_grad():
-            with spec_member("encode", f"a batch of {len(unique)}"):
-                output = self.spec.encode(self.backbone, batch)
             # checked as extraction checks it, so a broken encode fails here as it would there
-            hidden, mask = check_encode_output(output, batch_size=len(unique),
-                                               layers=getattr(self.spec, "layers", None))
+            hidden, mask = encode_checked(self.spec, self.backbone, batch, batch_size=len(unique))
             # rounded and pooled as extraction did for the cache: NOTE [ One seam ] in pooling.py
             features = head_inputs(hidden, mask, pool=self.pool, dtype=self.dtype, layers=self._positions)
             inverse = inverse.to(self.device).view(shape)

@@ -187,6 +187,16 @@ def check_encode_output(output: Any, *, batch_size: int | None, layers: Sequence
     return hidden, mask
 
 
+def encode_checked(spec: Any, backbone: nn.Module, batch: Any, *, batch_size: int | None) -> tuple[Tensor, Tensor]:
+    """``spec.encode(backbone, batch)``, its errors naming the member (`spec_member`) and its output checked
+    against the contract (`check_encode_output`): how extraction, the live source and the exported model
+    all call it."""
+    where = f"a batch of {batch_size}" if batch_size is not None else "a batch"
+    with spec_member("encode", where):
+        output = spec.encode(backbone, batch)
+    return check_encode_output(output, batch_size=batch_size, layers=getattr(spec, "layers", None))
+
+
 def check_spec(spec: Any, text: str = "spec") -> None:
     """Refuse an object that lacks a member of the contract, naming them all."""
     missing = [m for m in REQUIRED_MEMBERS if not callable(getattr(spec, m, None))]
